@@ -1,0 +1,1 @@
+"""Ray execution layer: the only package that knows Ray."""

@@ -1,0 +1,96 @@
+"""Model actors: each loads the model once onto its device and turns tile batches into probabilities.
+
+Tiles travel as (scene, tile windows); Ray read tasks open the raster themselves, so nothing large
+is ``ray.put`` from the driver and every object can be rebuilt if a worker dies. A batch's read task
+runs while the actor is busy with the previous batch: reading, inference and the driver's blending
+and writing overlap.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import ray
+import torch
+from numpy.typing import NDArray
+
+from geoseg.io.rasters import SceneInfo, read_tile
+from geoseg.models.store import load_model, normalize
+from geoseg.tiling.grid import Tile
+
+log = logging.getLogger(__name__)
+
+
+@ray.remote(num_cpus=0.1, max_retries=3)
+def read_batch(
+    scene: SceneInfo, tiles: list[Tile]
+) -> tuple[NDArray[np.generic], NDArray[np.bool_], float]:
+    """Read a batch of tiles: raw values ``(B, bands, H, W)``, validity ``(B, H, W)``, seconds."""
+    start = time.perf_counter()
+    parts = [read_tile(scene, t.row_off, t.col_off, t.height, t.width) for t in tiles]
+    data = np.stack([p[0] for p in parts])
+    valid = np.stack([p[1] for p in parts])
+    return data, valid, time.perf_counter() - start
+
+
+def choose_device(requested: str) -> torch.device:
+    """``auto`` picks CUDA when this process sees a GPU, else the CPU."""
+    if requested == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("--device cuda was requested but no CUDA device is visible to the actor")
+    return torch.device(requested)
+
+
+class SegmentationWorker:
+    """Holds one model on one device. Created as a Ray actor by :func:`make_worker_class`."""
+
+    def __init__(self, model_dir: str, device: str, precision: str, threads: int) -> None:
+        if threads > 0:
+            torch.set_num_threads(threads)
+        self.card, model, self.weights_sha256 = load_model(Path(model_dir))
+        self.device = choose_device(device)
+        self.model = model.to(self.device)
+        if self.device.type == "cpu":
+            self.model = self.model.to(memory_format=torch.channels_last)
+        self.precision = precision
+        log.info("model %s on %s (%s)", self.card.name, self.device, precision)
+
+    def ready(self) -> dict[str, Any]:
+        return {"device": str(self.device), "weights_sha256": self.weights_sha256}
+
+    @torch.inference_mode()
+    def predict(
+        self, batch: tuple[NDArray[np.generic], NDArray[np.bool_], float]
+    ) -> tuple[NDArray[np.float16] | None, NDArray[np.bool_], dict[str, float]]:
+        """Class probabilities ``(B, classes, H, W)`` (float16) for the tiles with valid pixels.
+
+        Tiles without any valid pixel never reach the model: the probabilities of such a batch are
+        ``None`` and their rows are zero.
+        """
+        data, valid, read_s = batch
+        start = time.perf_counter()
+        has_data = valid.reshape(len(valid), -1).any(axis=1)
+        if not has_data.any():
+            return None, valid, {"read_s": read_s, "infer_s": 0.0, "tiles_skipped": len(valid)}
+        x = torch.from_numpy(np.ascontiguousarray(data[has_data])).to(self.device)
+        x = normalize(x, self.card)
+        if self.device.type == "cpu":
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(
+            self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16"
+        ):
+            logits = self.model(x)
+        probs = torch.softmax(logits.float(), dim=1).to(torch.float16).cpu().numpy()
+        out = np.zeros((len(valid), *probs.shape[1:]), dtype=np.float16)
+        out[has_data] = probs
+        stats = {
+            "read_s": read_s,
+            "infer_s": time.perf_counter() - start,
+            "tiles_skipped": float((~has_data).sum()),
+        }
+        return out, valid, stats

@@ -1,0 +1,107 @@
+"""A segmentation run over many scenes: one actor pool, one ``run.json`` at the output root."""
+
+from __future__ import annotations
+
+import logging
+import platform
+import time
+from dataclasses import asdict
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import ray
+import rasterio
+import torch
+
+from geoseg import __version__
+from geoseg.engine.runtime import start_ray
+from geoseg.engine.scene import SceneResult, SegmentOptions, WorkerPool, segment_scene
+from geoseg.io.outputs import scene_output_name, write_json_atomic
+from geoseg.models.card import WEIGHTS_FILE, file_sha256, read_card
+
+log = logging.getLogger(__name__)
+
+RUN_FILE = "run.json"
+
+
+def _names(uris: list[str]) -> list[str | None]:
+    """Output names; a name already taken by an earlier input leaves the later one unnamed."""
+    seen: dict[str, str] = {}
+    names: list[str | None] = []
+    for uri in uris:
+        try:
+            name = scene_output_name(uri)
+        except ValueError:
+            names.append(None)
+            continue
+        if name in seen:
+            names.append(None)
+        else:
+            seen[name] = uri
+            names.append(name)
+    return names
+
+
+def segment(
+    uris: list[str],
+    model_dir: Path,
+    out_root: Path,
+    options: SegmentOptions,
+    address: str | None = None,
+) -> list[SceneResult]:
+    """Segment every input; each failure is recorded and the others go on."""
+    started = datetime.now(UTC)
+    card = read_card(model_dir)
+    weights_sha256 = file_sha256(model_dir / WEIGHTS_FILE)
+    out_root.mkdir(parents=True, exist_ok=True)
+    start_ray(address)
+    pool = WorkerPool(model_dir, options)
+    run: dict[str, Any] = {
+        "geoseg_version": __version__,
+        "started": started.isoformat(),
+        "finished": None,
+        "host": platform.node(),
+        "versions": {"ray": ray.__version__, "torch": torch.__version__,
+                     "rasterio": rasterio.__version__, "gdal": rasterio.__gdal_version__},
+        "model": {
+            "dir": str(model_dir),
+            "card": card.model_dump(mode="json"),
+            "weights_sha256": weights_sha256,
+        },
+        "workers": pool.info,
+        "parameters": asdict(options),
+        "scenes": [],
+    }  # fmt: skip
+    results = []
+    try:
+        for uri, name in zip(uris, _names(uris), strict=True):
+            if name is None:
+                result = SceneResult(
+                    uri=uri, name=None, status="failed", error_type="UnsafeOutputNameError",
+                    error=f"{uri}: its output name is taken by an earlier input or cannot be made "
+                    "safe; rename the file",
+                )  # fmt: skip
+                log.error(result.error)
+            else:
+                t0 = time.perf_counter()
+                result = segment_scene(uri, card, pool, out_root, options, name=name)
+                if result.status == "ok":
+                    mp = (result.height or 0) * (result.width or 0) / 1e6
+                    log.info(
+                        "%s: ok, %d tiles, %.2f MP in %.1f s, %s polygons",
+                        uri, result.tiles, mp, time.perf_counter() - t0, result.polygons,
+                    )  # fmt: skip
+            results.append(result)
+            run["scenes"].append(result.to_json())
+            # Written after every scene: a crash later in the run keeps this record.
+            write_json_atomic(out_root / RUN_FILE, run)
+    finally:
+        pool.shutdown()
+    run["finished"] = datetime.now(UTC).isoformat()
+    run["summary"] = {
+        "ok": sum(r.status == "ok" for r in results),
+        "failed": sum(r.status == "failed" for r in results),
+    }
+    write_json_atomic(out_root / RUN_FILE, run)
+    return results

@@ -1,0 +1,186 @@
+"""Class-id and confidence rasters: streamed into tiled GeoTIFFs, then converted to COGs.
+
+The stitcher hands over finished rows; they are gathered into full block rows (``BLOCK`` lines, the
+whole width) so that every compressed block of the intermediate GeoTIFF is written exactly once.
+GDAL's COG driver then copies it with internal overviews (MODE resampling for class ids, AVERAGE
+for confidence), keeping the palette. Class names go into the dataset metadata and into a PAM
+sidecar (``mask.tif.aux.xml``) as category names, which ``gdalinfo`` and QGIS read.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from xml.sax.saxutils import escape
+
+import numpy as np
+import rasterio
+import rasterio.shutil
+from numpy.typing import NDArray
+from rasterio.crs import CRS
+
+from geoseg.io.rasters import SceneInfo
+from geoseg.models.card import ClassInfo
+
+BLOCK = 512
+CONFIDENCE_NODATA = 0  # 255 x max probability is never 0: at least 255 / classes
+WRITE_ENV = {"GDAL_CACHEMAX": 256, "GDAL_NUM_THREADS": "2"}
+
+
+def mask_dtype(num_classes: int) -> tuple[str, int]:
+    """Class-id dtype and its nodata value: uint8/255 up to 254 classes, else uint16/65535."""
+    return ("uint8", 255) if num_classes <= 254 else ("uint16", 65535)
+
+
+def _profile(scene: SceneInfo, dtype: str, nodata: int) -> dict[str, object]:
+    return {
+        "driver": "GTiff",
+        "width": scene.width,
+        "height": scene.height,
+        "count": 1,
+        "dtype": dtype,
+        "nodata": nodata,
+        "crs": CRS.from_wkt(scene.crs_wkt),
+        "transform": scene.transform,
+        "tiled": True,
+        "blockxsize": BLOCK,
+        "blockysize": BLOCK,
+        "compress": "ZSTD",
+        "zstd_level": 1,
+        "bigtiff": "IF_SAFER",
+    }
+
+
+def _category_sidecar(classes: list[ClassInfo]) -> str:
+    names = ["" for _ in range(max(c.id for c in classes) + 1)]
+    for c in classes:
+        names[c.id] = c.name
+    categories = "".join(f"      <Category>{escape(n)}</Category>\n" for n in names)
+    return (
+        "<PAMDataset>\n"
+        '  <PAMRasterBand band="1">\n'
+        "    <CategoryNames>\n"
+        f"{categories}"
+        "    </CategoryNames>\n"
+        "  </PAMRasterBand>\n"
+        "</PAMDataset>\n"
+    )
+
+
+class ClassRasterWriter:
+    """Writes ``mask.tif`` (and ``confidence.tif``) of one scene into ``out_dir``, row by row."""
+
+    def __init__(
+        self, out_dir: Path, scene: SceneInfo, classes: list[ClassInfo], confidence: bool
+    ) -> None:
+        self.out_dir = out_dir
+        self.scene = scene
+        self.classes = classes
+        self.dtype, self.nodata = mask_dtype(len(classes))
+        self._env = rasterio.Env(**WRITE_ENV)
+        self._env.__enter__()
+        self._mask = rasterio.open(
+            out_dir / "mask.stream.tif", "w", **_profile(scene, self.dtype, self.nodata)
+        )
+        self._conf = (
+            rasterio.open(
+                out_dir / "confidence.stream.tif", "w",
+                **_profile(scene, "uint8", CONFIDENCE_NODATA),
+            )  # fmt: skip
+            if confidence
+            else None
+        )
+        # The palette goes in before any pixel: GDAL cannot change the photometric tag later.
+        self._mask.write_colormap(1, {c.id: (*c.color, 255) for c in classes})
+        # Pending block rows: index -> (class ids, confidence, pixels filled).
+        self._rows: dict[int, tuple[NDArray[np.integer], NDArray[np.uint8], int]] = {}
+        self.class_pixels = np.zeros(len(classes), dtype=np.int64)
+
+    def write(
+        self,
+        row_off: int,
+        col_off: int,
+        class_ids: NDArray[np.integer],
+        confidence: NDArray[np.uint8],
+    ) -> None:
+        """Place a finished block (class ids with nodata set, confidence); flush full block rows."""
+        valid = class_ids != self.nodata
+        self.class_pixels += np.bincount(class_ids[valid], minlength=len(self.classes))[
+            : len(self.classes)
+        ]
+        rows, cols = class_ids.shape
+        start = row_off
+        while start < row_off + rows:
+            index = start // BLOCK
+            stop = min(row_off + rows, (index + 1) * BLOCK)
+            if index not in self._rows:
+                height = min(BLOCK, self.scene.height - index * BLOCK)
+                self._rows[index] = (
+                    np.full((height, self.scene.width), self.nodata, dtype=self.dtype),
+                    np.full((height, self.scene.width), CONFIDENCE_NODATA, dtype=np.uint8),
+                    0,
+                )
+            ids, conf, filled = self._rows[index]
+            local = slice(start - index * BLOCK, stop - index * BLOCK)
+            ids[local, col_off : col_off + cols] = class_ids[start - row_off : stop - row_off]
+            conf[local, col_off : col_off + cols] = confidence[start - row_off : stop - row_off]
+            filled += (stop - start) * cols
+            if filled == ids.size:
+                del self._rows[index]
+                self._flush(index, ids, conf)
+            else:
+                self._rows[index] = (ids, conf, filled)
+            start = stop
+
+    def _flush(self, index: int, ids: NDArray[np.integer], conf: NDArray[np.uint8]) -> None:
+        window = rasterio.windows.Window(0, index * BLOCK, self.scene.width, ids.shape[0])
+        self._mask.write(ids, 1, window=window)
+        if self._conf is not None:
+            self._conf.write(conf, 1, window=window)
+
+    def close(self) -> None:
+        """Release files without producing outputs (on failure)."""
+        self._mask.close()
+        if self._conf is not None:
+            self._conf.close()
+        self._env.__exit__(None, None, None)
+
+    def finish(self) -> None:
+        """Check completeness, then convert the streamed rasters to COGs with overviews."""
+        if self._rows:
+            missing = sorted(self._rows)
+            self.close()
+            raise RuntimeError(f"{self.scene.uri}: block rows {missing} were never completed")
+        self._mask.update_tags(
+            CLASS_NAMES=json.dumps({c.id: c.name for c in self.classes}),
+            CLASS_COLORS=json.dumps({c.id: list(c.color) for c in self.classes}),
+        )
+        self._mask.set_band_description(1, "class")
+        if self._conf is not None:
+            self._conf.set_band_description(1, "confidence")
+            self._conf.update_tags(1, SCALE="255 x max class probability")
+        self.close()
+        with rasterio.Env(**WRITE_ENV):
+            _to_cog(self.out_dir / "mask.stream.tif", self.out_dir / "mask.tif", "MODE")
+            if self._conf is not None:
+                _to_cog(
+                    self.out_dir / "confidence.stream.tif",
+                    self.out_dir / "confidence.tif",
+                    "AVERAGE",
+                )
+        (self.out_dir / "mask.tif.aux.xml").write_text(_category_sidecar(self.classes))
+
+
+def _to_cog(src: Path, dst: Path, resampling: str) -> None:
+    rasterio.shutil.copy(
+        src,
+        dst,
+        driver="COG",
+        COMPRESS="DEFLATE",
+        PREDICTOR="NO",
+        BLOCKSIZE=BLOCK,
+        OVERVIEW_RESAMPLING=resampling,
+        BIGTIFF="IF_SAFER",
+        NUM_THREADS=2,
+    )
+    src.unlink()

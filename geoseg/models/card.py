@@ -1,0 +1,142 @@
+"""The model card: what a model directory promises (``model.yaml`` + ``weights.safetensors``).
+
+The card states the architecture and its arguments, the input bands by name and order, how raw
+pixel values are scaled (``x' = (x * scale + offset - mean) / std`` per band), the accepted input
+dtypes, the classes (id, name, RGB colour) and the recommended tile size and overlap. Weights are
+only ever read with safetensors: nothing is unpickled.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from geoseg.errors import ModelCardError
+
+CARD_FILE = "model.yaml"
+WEIGHTS_FILE = "weights.safetensors"
+
+# Distinct colours for classes whose card gives none (QGIS-style categorical palette).
+DEFAULT_COLORS: tuple[tuple[int, int, int], ...] = (
+    (31, 119, 180), (44, 160, 44), (214, 39, 40), (188, 189, 34), (148, 103, 189),
+    (140, 86, 75), (227, 119, 194), (127, 127, 127), (23, 190, 207), (255, 127, 14),
+)  # fmt: skip
+
+
+def canonical_band_name(name: str) -> str:
+    """Normalise a band name for matching: case, spaces, and Sentinel-2 style zero padding.
+
+    ``"B02"`` and ``"b2"`` match; ``"Red"`` and ``"red"`` match; ``"NIR"`` and ``"nir"`` match.
+    """
+    name = name.strip().lower().replace(" ", "")
+    match = re.fullmatch(r"b0*(\d+a?)", name)
+    return f"b{match.group(1)}" if match else name
+
+
+class ClassInfo(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    id: int = Field(ge=0, le=65534)
+    name: str = Field(min_length=1)
+    color: tuple[int, int, int]
+
+    @field_validator("color")
+    @classmethod
+    def _check_color(cls, value: tuple[int, int, int]) -> tuple[int, int, int]:
+        if any(not 0 <= c <= 255 for c in value):
+            raise ValueError(f"colour components must be 0..255, got {value}")
+        return value
+
+
+class Normalization(BaseModel):
+    """Per-band affine scaling, each list of length 1 (all bands) or one value per band."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    scale: list[float] = [1.0]
+    offset: list[float] = [0.0]
+    mean: list[float] = [0.0]
+    std: list[float] = [1.0]
+
+    @field_validator("std")
+    @classmethod
+    def _check_std(cls, value: list[float]) -> list[float]:
+        if any(s == 0 for s in value):
+            raise ValueError("std must not contain 0")
+        return value
+
+    def per_band(self, bands: int) -> dict[str, list[float]]:
+        """Each parameter broadcast to ``bands`` values."""
+        out = {}
+        for key in ("scale", "offset", "mean", "std"):
+            values: list[float] = getattr(self, key)
+            if len(values) not in (1, bands):
+                raise ModelCardError(
+                    f"normalization.{key} has {len(values)} values; the card has {bands} bands: "
+                    "give one value or one per band"
+                )
+            out[key] = values * bands if len(values) == 1 else list(values)
+        return out
+
+
+class ModelCard(BaseModel):
+    """Contents of ``model.yaml``."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str
+    arch: str
+    arch_args: dict[str, Any] = {}
+    total_stride: int = Field(ge=1)
+    bands: list[str] = Field(min_length=1)
+    input_dtypes: list[str] = Field(min_length=1)
+    normalization: Normalization = Normalization()
+    classes: list[ClassInfo] = Field(min_length=1)
+    tile_size: int = Field(default=512, ge=1)
+    overlap: int = Field(default=64, ge=0)
+    description: str = ""
+
+    @model_validator(mode="after")
+    def _check(self) -> ModelCard:
+        ids = [c.id for c in self.classes]
+        if sorted(ids) != list(range(len(ids))):
+            raise ValueError(f"class ids must be 0..{len(ids) - 1} without gaps, got {ids}")
+        canonical = [canonical_band_name(b) for b in self.bands]
+        if len(set(canonical)) != len(canonical):
+            raise ValueError(f"band names repeat: {self.bands}")
+        self.normalization.per_band(len(self.bands))
+        return self
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+def read_card(model_dir: Path) -> ModelCard:
+    """Read and validate ``model_dir/model.yaml``."""
+    path = model_dir / CARD_FILE
+    if not path.is_file():
+        raise ModelCardError(f"{model_dir}: not a model directory ({CARD_FILE} is missing)")
+    try:
+        data = yaml.safe_load(path.read_text())
+        return ModelCard.model_validate(data)
+    except yaml.YAMLError as exc:
+        raise ModelCardError(f"{path}: not valid YAML: {exc}") from exc
+    except ValidationError as exc:
+        raise ModelCardError(f"{path}: invalid model card:\n{exc}") from exc
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()

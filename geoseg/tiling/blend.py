@@ -1,0 +1,160 @@
+"""Blending overlapping tile predictions into one seam-free probability field, streaming.
+
+Weights. Along each axis a tile's weight is 1 in its interior and tapers over the ``overlap`` pixels
+it shares with a neighbour; it does not taper at the scene border, where no neighbour exists. The
+taper at distance ``d`` from the tile edge (``m = overlap // 4`` is a dead margin) is::
+
+    w(d) = 0                                  for d < m
+    w(d) = sin^2(pi / 2 * (d - m + 0.5) / (overlap - 2 m))   for m <= d < overlap - m
+    w(d) = 1                                  otherwise
+
+Because ``sin^2(x) + cos^2(x) = 1``, the weights of the two tiles sharing an overlap sum to exactly 1,
+and the 2-D weight (outer product of the row and column weights) of the up-to-four tiles covering a
+pixel sums to 1: the blend is a partition of unity and needs no normalisation. The dead margin keeps
+the few pixels next to a tile edge, where the model lacked context, out of the result entirely.
+
+Probabilities (softmax), never logits, are blended. Pixels that are not valid (nodata) take no part.
+
+Streaming. The scene is split along each axis at every tile start and end, into segments covered by
+one or two tiles; a cell (row segment x column segment) is final once each tile covering it has been
+added. With tiles added in row-major order only the cells of one ``overlap``-high band of rows wait
+for the next tile row, so memory is ``O(overlap x width x classes)``, independent of the height.
+"""
+
+from __future__ import annotations
+
+from bisect import bisect_left
+from dataclasses import dataclass, field
+from math import pi
+
+import numpy as np
+from numpy.typing import NDArray
+
+from geoseg.tiling.grid import Tile, TileGrid
+
+
+def taper(length: int, overlap: int, taper_start: bool, taper_end: bool) -> NDArray[np.float32]:
+    """1-D blending weights of a tile of ``length`` pixels (see the module docstring)."""
+    weights = np.ones(length, dtype=np.float64)
+    if overlap > 0:
+        margin = overlap // 4
+        ramp_len = overlap - 2 * margin
+        ramp = np.sin(pi / 2 * (np.arange(ramp_len) + 0.5) / ramp_len) ** 2
+        rising = np.concatenate([np.zeros(margin), ramp])
+        if taper_start:
+            weights[: len(rising)] = rising
+        if taper_end:
+            weights[length - len(rising) :] = rising[::-1]
+    return weights.astype(np.float32)
+
+
+def tile_weights(grid: TileGrid, tile: Tile) -> NDArray[np.float32]:
+    """2-D weights of ``tile`` clipped to the scene, shape ``(rows inside, cols inside)``."""
+    _, _, rows, cols = tile.clipped(grid.height, grid.width)
+    w_rows = taper(
+        tile.height, grid.overlap, tile.row_off > 0, tile.row_off + tile.height < grid.height
+    )[:rows]
+    w_cols = taper(
+        tile.width, grid.overlap, tile.col_off > 0, tile.col_off + tile.width < grid.width
+    )[:cols]
+    return np.outer(w_rows, w_cols)
+
+
+def _segments(offsets: tuple[int, ...], size: int, length: int) -> list[tuple[int, int, int]]:
+    """Split ``[0, length)`` at every tile start and end: ``(start, stop, tiles covering)``."""
+    cuts = sorted({0, length, *offsets, *(min(o + size, length) for o in offsets)})
+    segments = []
+    for start, stop in zip(cuts[:-1], cuts[1:], strict=True):
+        covering = sum(1 for o in offsets if o <= start and o + size >= stop)
+        segments.append((start, stop, covering))
+    return segments
+
+
+@dataclass
+class Block:
+    """A finished part of the scene: blended probabilities and the validity mask."""
+
+    row_off: int
+    col_off: int
+    probs: NDArray[np.float32]  # (classes, rows, cols); 0 where not valid
+    valid: NDArray[np.bool_]  # (rows, cols)
+
+
+@dataclass
+class _Cell:
+    remaining: int
+    probs: NDArray[np.float32] | None = None
+    valid: NDArray[np.bool_] | None = field(default=None)
+
+
+class Stitcher:
+    """Accumulates tile probabilities and hands back each part of the scene once it is final."""
+
+    def __init__(self, grid: TileGrid, num_classes: int) -> None:
+        self.grid = grid
+        self.num_classes = num_classes
+        self._row_segments = _segments(grid.row_offsets, grid.tile_height, grid.height)
+        self._col_segments = _segments(grid.col_offsets, grid.tile_width, grid.width)
+        self._row_starts = [start for start, _, _ in self._row_segments]
+        self._col_starts = [start for start, _, _ in self._col_segments]
+        self._cells: dict[tuple[int, int], _Cell] = {}
+        self._weights: dict[tuple[bool, bool, bool, bool], NDArray[np.float32]] = {}
+
+    @property
+    def pending_cells(self) -> int:
+        """Cells that have received some but not all of their tiles (for memory tests)."""
+        return len(self._cells)
+
+    def _weights_for(self, tile: Tile) -> NDArray[np.float32]:
+        # Only the scene-border flags and the clipping change the weights: cache by those.
+        g = self.grid
+        key = (
+            tile.row_off > 0,
+            tile.row_off + tile.height < g.height,
+            tile.col_off > 0,
+            tile.col_off + tile.width < g.width,
+        )
+        clipped = tile.clipped(g.height, g.width)
+        weights = self._weights.get(key)
+        if weights is None or weights.shape != clipped[2:]:
+            weights = tile_weights(g, tile)
+            self._weights[key] = weights
+        return weights
+
+    def add(
+        self, tile: Tile, probs: NDArray[np.floating], valid: NDArray[np.bool_]
+    ) -> list[Block]:
+        """Add one tile's probabilities ``(classes, tile rows, tile cols)`` and validity mask.
+
+        Both may include the padding past the scene edge; it is cropped here. Returns the blocks
+        that became final.
+        """
+        row_off, col_off, rows, cols = tile.clipped(self.grid.height, self.grid.width)
+        weights = self._weights_for(tile) * valid[:rows, :cols]
+        weighted = probs[:, :rows, :cols].astype(np.float32) * weights
+        finished = []
+        # Tiles start and end on segment boundaries, so a tile covers a contiguous run of segments.
+        row_first = bisect_left(self._row_starts, row_off)
+        row_last = bisect_left(self._row_starts, row_off + rows)
+        col_first = bisect_left(self._col_starts, col_off)
+        col_last = bisect_left(self._col_starts, col_off + cols)
+        for ri in range(row_first, row_last):
+            r0, r1, r_cover = self._row_segments[ri]
+            for ci in range(col_first, col_last):
+                c0, c1, c_cover = self._col_segments[ci]
+                part = weighted[:, r0 - row_off : r1 - row_off, c0 - col_off : c1 - col_off]
+                cell = self._cells.get((ri, ci))
+                if cell is None:
+                    cell = _Cell(remaining=r_cover * c_cover)
+                    self._cells[(ri, ci)] = cell
+                if cell.probs is None:
+                    cell.probs = part.copy() if cell.remaining > 1 else part
+                    cell.valid = valid[r0 - row_off : r1 - row_off, c0 - col_off : c1 - col_off]
+                else:
+                    cell.probs += part
+                cell.remaining -= 1
+                if cell.remaining == 0:
+                    del self._cells[(ri, ci)]
+                    assert cell.valid is not None
+                    finished.append(Block(r0, c0, cell.probs, np.ascontiguousarray(cell.valid)))
+        return finished
