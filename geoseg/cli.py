@@ -73,26 +73,53 @@ def model() -> None:
 @click.option("--bands", required=True, help="Input band names in order, e.g. red,green,blue.")
 @click.option("--classes", required=True, help="Class names in id order, e.g. water,trees.")
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Model directory.")
-@click.option("--input-dtype", default="uint8", show_default=True,
-              type=click.Choice(["uint8", "uint16", "int16", "float32"]))
+@click.option(
+    "--input-dtype",
+    default="uint8",
+    show_default=True,
+    type=click.Choice(["uint8", "uint16", "int16", "float32"]),
+)
 @click.option("--tile-size", default=512, show_default=True, type=int)
 @click.option("--overlap", default=64, show_default=True, type=int)
-@click.option("--arch-arg", "arch_arg", multiple=True, metavar="KEY=VALUE",
-              help="Architecture argument, e.g. base_channels=16 (repeatable).")
+@click.option(
+    "--arch-arg",
+    "arch_arg",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="Architecture argument, e.g. base_channels=16 (repeatable).",
+)
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--overwrite", is_flag=True, help="Replace an existing model directory.")
-def model_init(arch: str, bands: str, classes: str, out: Path, input_dtype: str, tile_size: int,
-               overlap: int, arch_arg: tuple[str, ...], seed: int, overwrite: bool) -> None:
-    """Write a model card and freshly initialised (seeded) weights to --out."""  # noqa: D401
+def model_init(
+    arch: str,
+    bands: str,
+    classes: str,
+    out: Path,
+    input_dtype: str,
+    tile_size: int,
+    overlap: int,
+    arch_arg: tuple[str, ...],
+    seed: int,
+    overwrite: bool,
+) -> None:
+    """Write a model card and freshly initialised (seeded) weights to --out."""
     from geoseg.models.store import init_model
 
     card = init_model(
-        arch, _csv(bands) or [], _csv(classes) or [], out, input_dtype=input_dtype,
-        arch_args=_arch_args(arch_arg), tile_size=tile_size, overlap=overlap, seed=seed,
+        arch,
+        _csv(bands) or [],
+        _csv(classes) or [],
+        out,
+        input_dtype=input_dtype,
+        arch_args=_arch_args(arch_arg),
+        tile_size=tile_size,
+        overlap=overlap,
+        seed=seed,
         overwrite=overwrite,
-    )  # fmt: skip
-    log.info("wrote %s (%s, %d classes, total stride %d)", out, arch, card.num_classes,
-             card.total_stride)  # fmt: skip
+    )
+    log.info(
+        "wrote %s (%s, %d classes, total stride %d)", out, arch, card.num_classes, card.total_stride
+    )
 
 
 @model.command("info")
@@ -110,46 +137,87 @@ def model_info(model_dir: Path, as_json: bool) -> None:
 
 @main.command()
 @click.argument("inputs", nargs=-1, required=True)
-@click.option("--model", "model_dir", required=True,
-              type=click.Path(exists=True, file_okay=False, path_type=Path))
-@click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path),
-              help="Output root: one folder per input plus run.json.")
-@click.option("--bands", help="Names of the input files' bands in order (when the files lack "
-              "band descriptions), e.g. red,green,blue,nir.")
+@click.option(
+    "--model",
+    "model_dir",
+    required=True,
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+)
+@click.option(
+    "--out",
+    required=True,
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Output root: one folder per input plus run.json.",
+)
+@click.option(
+    "--bands",
+    help="Names of the input files' bands in order (when the files lack "
+    "band descriptions), e.g. red,green,blue,nir.",
+)
 @click.option("--tile-size", type=int, help="Tile edge in pixels [card's].")
 @click.option("--overlap", type=int, help="Tile overlap in pixels [card's].")
 @click.option("--batch-size", default=4, show_default=True, type=int)
 @click.option("--workers", type=int, help="Model actors [one per GPU, else one].")
-@click.option("--tiles-in-flight", type=int,
-              help="Batches between reading and stitching [2 per worker + 1].")
-@click.option("--device", default="auto", show_default=True,
-              type=click.Choice(["auto", "cpu", "cuda"]))
-@click.option("--precision", default="fp32", show_default=True, type=click.Choice(["fp32", "bf16"]),
-              help="bf16 autocast is faster on CPUs with AMX and on GPUs.")
+@click.option(
+    "--tiles-in-flight", type=int, help="Batches between reading and stitching [2 per worker + 1]."
+)
+@click.option(
+    "--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"])
+)
+@click.option(
+    "--precision",
+    default="fp32",
+    show_default=True,
+    type=click.Choice(["fp32", "bf16"]),
+    help="bf16 autocast is faster on CPUs with AMX and on GPUs.",
+)
 @click.option("--confidence/--no-confidence", default=True, show_default=True)
 @click.option("--polygons/--no-polygons", default=True, show_default=True)
 @click.option("--overwrite", is_flag=True, help="Replace existing outputs.")
 @click.option("--address", help="Ray cluster address [start Ray locally].")
 @click.pass_context
-def segment(ctx: click.Context, inputs: tuple[str, ...], model_dir: Path, out: Path,
-            bands: str | None, tile_size: int | None, overlap: int | None, batch_size: int,
-            workers: int | None, tiles_in_flight: int | None, device: str, precision: str,
-            confidence: bool, polygons: bool, overwrite: bool, address: str | None) -> None:
-    """Segment INPUTS (GeoTIFF paths or URIs) into OUT/<name>/{mask,confidence}.tif, polygons.gpkg."""
+def segment(
+    ctx: click.Context,
+    inputs: tuple[str, ...],
+    model_dir: Path,
+    out: Path,
+    bands: str | None,
+    tile_size: int | None,
+    overlap: int | None,
+    batch_size: int,
+    workers: int | None,
+    tiles_in_flight: int | None,
+    device: str,
+    precision: str,
+    confidence: bool,
+    polygons: bool,
+    overwrite: bool,
+    address: str | None,
+) -> None:
+    """Segment INPUTS (GeoTIFFs) into OUT/<name>/: mask.tif, confidence.tif, polygons.gpkg."""
     from geoseg.engine.job import segment as run_segment
     from geoseg.engine.scene import SegmentOptions
 
     band_names = _csv(bands)
     options = SegmentOptions(
-        tile_size=tile_size, overlap=overlap, batch_size=batch_size, workers=workers,
-        device=device, precision=precision, tiles_in_flight=tiles_in_flight,
-        confidence=confidence, polygons=polygons, overwrite=overwrite,
-        band_names=tuple(band_names) if band_names else None, progress=not ctx.obj["quiet"],
-    )  # fmt: skip
+        tile_size=tile_size,
+        overlap=overlap,
+        batch_size=batch_size,
+        workers=workers,
+        device=device,
+        precision=precision,
+        tiles_in_flight=tiles_in_flight,
+        confidence=confidence,
+        polygons=polygons,
+        overwrite=overwrite,
+        band_names=tuple(band_names) if band_names else None,
+        progress=not ctx.obj["quiet"],
+    )
     results = run_segment(list(inputs), model_dir, out, options, address=address)
     failed = [r for r in results if r.status != "ok"]
-    click.echo(f"{len(results) - len(failed)} ok, {len(failed)} failed; see {out / 'run.json'}",
-               err=True)  # fmt: skip
+    click.echo(
+        f"{len(results) - len(failed)} ok, {len(failed)} failed; see {out / 'run.json'}", err=True
+    )
     for r in failed:
         click.echo(f"FAILED {r.uri}: {r.error}", err=True)
     if failed:

@@ -21,4 +21,5 @@ def ground_areas_m2(geometries: Sequence[shapely.Geometry], crs_wkt: str) -> NDA
         geod = crs.get_geod() or Geod(ellps="WGS84")
         return np.array([abs(geod.geometry_area_perimeter(g)[0]) for g in geometries])
     factor = crs.axis_info[0].unit_conversion_factor if crs.axis_info else 1.0
-    return shapely.area(np.asarray(geometries, dtype=object)) * factor**2
+    areas = shapely.area(np.asarray(geometries, dtype=object))
+    return np.asarray(areas, dtype=np.float64) * factor**2

@@ -222,7 +222,8 @@ class StripPolygonizer:
         Raises:
             InputError: (a ValueError) if the strip is out of order, has the wrong shape or
                 dtype, runs past the mask height, holds class ids outside int32, or arrives after
-                :meth:`finish`.
+                :meth:`finish`. The polygonizer is unchanged then, so a corrected strip may follow.
+            RuntimeError: if an internal consistency check fails (a bug, never expected).
         """
         if self._finished:
             raise InputError("add_strip() called after finish(); create a new StripPolygonizer")
@@ -249,11 +250,6 @@ class StripPolygonizer:
         top, bottom = row_off, row_off + rows
         valid = strip != self._nodata
         pieces = _polygonize_strip(_as_gdal_dtype(strip, valid), valid, row_off)
-        self._next_row = bottom
-
-        emitted_pixel: list[shapely.Polygon] = []
-        emitted_cls: list[int] = []
-        emitted_cnt: list[int] = []
         regions_to_union: list[_OpenRegion] = []
 
         top_labels = _boundary_labels(pieces, top, self._width)
@@ -314,10 +310,9 @@ class StripPolygonizer:
                 )
             )
         final = np.flatnonzero(~in_group & ~touches_bottom)
-        emitted_pixel.extend(pieces.pixel_geoms[final].tolist())
-        emitted_cls.extend(pieces.class_ids[final].tolist())
-        emitted_cnt.extend(pieces.pixel_counts[final].tolist())
 
+        # State changes only now, so a strip that raised above can be corrected and re-sent.
+        self._next_row = bottom
         self._open = new_open
         self._seam_row = strip[-1].copy()
         # Re-point the bottom row from piece indices to indices into the new open list.
@@ -325,7 +320,12 @@ class StripPolygonizer:
         on_seam = bottom_labels >= 0
         seam_labels[on_seam] = piece_to_open[bottom_labels[on_seam]]
         self._seam_labels = seam_labels
-        return self._emit(emitted_pixel, emitted_cls, emitted_cnt, regions_to_union)
+        return self._emit(
+            pieces.pixel_geoms[final].tolist(),
+            pieces.class_ids[final].tolist(),
+            pieces.pixel_counts[final].tolist(),
+            regions_to_union,
+        )
 
     def finish(self) -> list[RegionPolygon]:
         """Closes the polygonizer after the last strip.
@@ -399,8 +399,7 @@ def _merge_parts(region: _OpenRegion) -> shapely.Polygon:
         # Parts of one 4-connected region always share edges; anything else means the seam
         # bookkeeping is wrong, which must not pass silently.
         raise RuntimeError(
-            f"region of class {region.class_id} did not union to one polygon "
-            f"({merged.geom_type})"
+            f"region of class {region.class_id} did not union to one polygon ({merged.geom_type})"
         )
     if not shapely.get_num_interior_rings(parts).any():
         return merged
@@ -447,7 +446,7 @@ def _as_gdal_dtype(strip: np.ndarray, valid: npt.NDArray[np.bool_]) -> np.ndarra
     """Returns the strip in a dtype GDALPolygonize reads exactly (it uses an int32 buffer)."""
     if strip.dtype in _NATIVE_DTYPES:
         return strip
-    if strip.dtype == np.bool_ or strip.dtype == np.int8:
+    if strip.dtype in (np.bool_, np.int8):
         return strip.astype(np.int16)
     # Wider types: only valid pixels need to fit; nodata pixels are masked out, so whatever they
     # wrap to is never looked at.
@@ -460,9 +459,7 @@ def _as_gdal_dtype(strip: np.ndarray, valid: npt.NDArray[np.bool_]) -> np.ndarra
     return strip.astype(np.int32)
 
 
-def _polygonize_strip(
-    data: np.ndarray, valid: npt.NDArray[np.bool_], row_off: int
-) -> _StripPieces:
+def _polygonize_strip(data: np.ndarray, valid: npt.NDArray[np.bool_], row_off: int) -> _StripPieces:
     """Runs GDAL polygonize on one strip and packs the result as pixel-space ragged arrays."""
     # An integer translation keeps every vertex an exact integer in full-image pixel space.
     shapes = list(

@@ -24,7 +24,7 @@ def _smooth_noise(rng: np.random.Generator, size: int, scale: int) -> np.ndarray
     c = coarse
     top = c[r0][:, r0] * (1 - fc) + c[r0][:, r0 + 1] * fc
     bottom = c[r0 + 1][:, r0] * (1 - fc) + c[r0 + 1][:, r0 + 1] * fc
-    return top * (1 - fr) + bottom * fr
+    return np.asarray(top * (1 - fr) + bottom * fr)
 
 
 def main() -> None:
@@ -45,11 +45,20 @@ def main() -> None:
     outside = (rows + 0.3 * cols < 0.1 * size) | (rows - 0.3 * cols > 0.85 * size)
     image[:, outside] = 0
     profile = {
-        "driver": "GTiff", "width": size, "height": size, "count": 3, "dtype": "uint8",
-        "crs": "EPSG:32633", "transform": Affine(10, 0, 500000, 0, -10, 5100000), "nodata": 0,
-        "tiled": True, "blockxsize": 256, "blockysize": 256, "compress": "DEFLATE",
+        "driver": "GTiff",
+        "width": size,
+        "height": size,
+        "count": 3,
+        "dtype": "uint8",
+        "crs": "EPSG:32633",
+        "transform": Affine(10, 0, 500000, 0, -10, 5100000),
+        "nodata": 0,
+        "tiled": True,
+        "blockxsize": 256,
+        "blockysize": 256,
+        "compress": "DEFLATE",
         "photometric": "RGB",
-    }  # fmt: skip
+    }
     with rasterio.open(args.out, "w", **profile) as dst:
         dst.write(image)
         dst.descriptions = ("red", "green", "blue")

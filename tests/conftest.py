@@ -13,7 +13,7 @@ import rasterio
 
 sys.path.insert(0, str(Path(__file__).parent / "data"))
 
-from make_fixtures import make_all  # noqa: E402
+from make_fixtures import make_all
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 AERIAL = SHARED / "aerial-new-brunswick"
@@ -53,9 +53,14 @@ def rgb_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
     out = tmp_path_factory.mktemp("models") / "rgb"
     init_model(
-        "unet", ["red", "green", "blue"], ["water", "vegetation", "built", "bare"], out,
-        arch_args={"depth": 3, "base_channels": 8}, tile_size=128, overlap=32,
-    )  # fmt: skip
+        "unet",
+        ["red", "green", "blue"],
+        ["water", "vegetation", "built", "bare"],
+        out,
+        arch_args={"depth": 3, "base_channels": 8},
+        tile_size=128,
+        overlap=32,
+    )
     return out
 
 
@@ -67,9 +72,15 @@ def rasterize_aerial_labels(image_path: Path) -> np.ndarray:
     polygons = gpd.read_file(AERIAL / "BakerLake_2017_clipped.gpkg")
     with rasterio.open(image_path) as src:
         return rasterize(
-            [(g, AERIAL_CLASSES.index(c)) for g, c in zip(polygons.geometry, polygons.Niveau_2)],
-            out_shape=src.shape, transform=src.transform, fill=255, dtype="uint8",
-        )  # fmt: skip
+            [
+                (g, AERIAL_CLASSES.index(c))
+                for g, c in zip(polygons.geometry, polygons.Niveau_2, strict=True)
+            ],
+            out_shape=src.shape,
+            transform=src.transform,
+            fill=255,
+            dtype="uint8",
+        )
 
 
 @pytest.fixture(scope="session")
@@ -90,9 +101,14 @@ def trained_aerial_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     labels = rasterize_aerial_labels(image_path)
     out = tmp_path_factory.mktemp("models") / "aerial"
     init_model(
-        "unet", ["red", "green", "blue"], AERIAL_CLASSES, out,
-        arch_args={"depth": 3, "base_channels": 8}, tile_size=128, overlap=32,
-    )  # fmt: skip
+        "unet",
+        ["red", "green", "blue"],
+        AERIAL_CLASSES,
+        out,
+        arch_args={"depth": 3, "base_channels": 8},
+        tile_size=128,
+        overlap=32,
+    )
     card, model, _ = load_model(out)
     torch.set_num_threads(2)
     fit(model, card, image, labels, steps=120, crop=64, batch_size=8)

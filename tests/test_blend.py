@@ -10,17 +10,22 @@ from hypothesis import strategies as st
 from geoseg.tiling.blend import Stitcher, taper, tile_weights
 from geoseg.tiling.grid import TileGrid
 
+PAD = 512  # the test fields extend this far past the scene on every side
+
 
 def _stitch(grid: TileGrid, field: np.ndarray, valid: np.ndarray) -> tuple[np.ndarray, Stitcher]:
-    """Feed tiles cut from a known field; return the stitched field and the stitcher."""
+    """Feed tiles cut from a known field whose origin is at (-PAD, -PAD); return the stitch."""
     classes = field.shape[0]
     stitcher = Stitcher(grid, classes)
     out = np.full((classes, grid.height, grid.width), np.nan, dtype=np.float32)
     for tile in grid.tiles():
-        window = np.s_[tile.row_off : tile.row_off + tile.height, tile.col_off : tile.col_off + tile.width]
+        r, c = tile.row_off + PAD, tile.col_off + PAD
+        window = np.s_[r : r + tile.height, c : c + tile.width]
         for block in stitcher.add(tile, field[(slice(None), *window)], valid[window]):
             rows, cols = block.valid.shape
-            target = out[:, block.row_off : block.row_off + rows, block.col_off : block.col_off + cols]
+            target = out[
+                :, block.row_off : block.row_off + rows, block.col_off : block.col_off + cols
+            ]
             assert np.isnan(target).all(), "a block was handed back twice"
             target[...] = block.probs
     return out, stitcher
@@ -41,9 +46,13 @@ def test_taper_is_one_at_scene_border_and_zero_in_the_dead_margin() -> None:
     tiles=st.integers(2, 6),
     overlap_units=st.integers(0, 2),
 )
-def test_weights_are_a_partition_of_unity(height: int, width: int, tiles: int, overlap_units: int) -> None:
+def test_weights_are_a_partition_of_unity(
+    height: int, width: int, tiles: int, overlap_units: int
+) -> None:
     align = 16
-    grid = TileGrid(height, width, tiles * align, min(overlap_units, (tiles - 1) // 2) * align, align)
+    grid = TileGrid(
+        height, width, tiles * align, min(overlap_units, (tiles - 1) // 2) * align, align
+    )
     total = np.zeros((height, width))
     for tile in grid.tiles():
         r, c, h, w = tile.clipped(height, width)
@@ -53,28 +62,37 @@ def test_weights_are_a_partition_of_unity(height: int, width: int, tiles: int, o
 
 @pytest.mark.parametrize(
     ("height", "width", "tile", "overlap", "align"),
-    [(101, 100, 32, 8, 8), (723, 934, 256, 64, 16), (5, 7, 16, 0, 16), (1, 300, 64, 16, 16), (300, 1, 64, 16, 16)],
+    [
+        (101, 100, 32, 8, 8),
+        (723, 934, 256, 64, 16),
+        (5, 7, 16, 0, 16),
+        (1, 300, 64, 16, 16),
+        (300, 1, 64, 16, 16),
+    ],
 )
-def test_stitching_a_consistent_field_returns_it_exactly(height: int, width: int, tile: int, overlap: int, align: int) -> None:
+def test_stitching_a_consistent_field_returns_it_exactly(
+    height: int, width: int, tile: int, overlap: int, align: int
+) -> None:
     rng = np.random.default_rng(0)
     grid = TileGrid(height, width, tile, overlap, align)
-    field = rng.random((3, height + tile, width + tile)).astype(np.float32)
-    valid = rng.random((height + tile, width + tile)) > 0.1
+    field = rng.random((3, height + 2 * PAD, width + 2 * PAD)).astype(np.float32)
+    valid = rng.random((height + 2 * PAD, width + 2 * PAD)) > 0.1
     out, stitcher = _stitch(grid, field, valid)
     assert not np.isnan(out).any(), "some part of the scene was never handed back"
-    expected = field[:, :height, :width] * valid[:height, :width]
+    inside = np.s_[PAD : PAD + height, PAD : PAD + width]
+    expected = field[(slice(None), *inside)] * valid[inside]
     np.testing.assert_allclose(out, expected, atol=1e-6)
     assert stitcher.pending_cells == 0
 
 
 def test_nodata_pixels_get_no_weight() -> None:
     grid = TileGrid(64, 64, 32, 8, 8)
-    field = np.ones((2, 96, 96), dtype=np.float32)
-    valid = np.ones((96, 96), dtype=bool)
-    valid[10:20, 30:40] = False
+    field = np.ones((2, 64 + 2 * PAD, 64 + 2 * PAD), dtype=np.float32)
+    valid = np.ones((64 + 2 * PAD, 64 + 2 * PAD), dtype=bool)
+    valid[PAD + 10 : PAD + 20, PAD + 30 : PAD + 40] = False
     out, _ = _stitch(grid, field, valid)
     assert np.all(out[:, 10:20, 30:40] == 0)
-    np.testing.assert_allclose(out[:, valid[:64, :64]], 1.0, atol=1e-6)
+    np.testing.assert_allclose(out[:, valid[PAD : PAD + 64, PAD : PAD + 64]], 1.0, atol=1e-6)
 
 
 def test_pending_memory_does_not_grow_with_scene_height() -> None:

@@ -28,8 +28,11 @@ def test_missing_bands_are_named_with_the_fix() -> None:
     message = str(info.value)
     assert "naip.tif" in message and "missing: red, green, blue" in message
     assert "--bands red,green,blue,band4" in message
-    assert match_bands("naip.tif", [None] * 4, ["red", "nir"], ["red", "green", "blue", "nir"]) == (1, 4)
-    with pytest.raises(BandMismatchError, match="names 3 bands .* the file has 4"):
+    assert match_bands("naip.tif", [None] * 4, ["red", "nir"], ["red", "green", "blue", "nir"]) == (
+        1,
+        4,
+    )
+    with pytest.raises(BandMismatchError, match=r"names 3 bands .* the file has 4"):
         match_bands("naip.tif", [None] * 4, ["red"], ["red", "green", "blue"])
 
 
@@ -44,7 +47,9 @@ def test_model_init_roundtrip(tmp_path: Path) -> None:
 
 
 def test_pickled_weights_are_refused(tmp_path: Path) -> None:
-    init_model("unet", ["red"], ["a", "b"], tmp_path / "m", arch_args={"depth": 2, "base_channels": 4})
+    init_model(
+        "unet", ["red"], ["a", "b"], tmp_path / "m", arch_args={"depth": 2, "base_channels": 4}
+    )
     marker = tmp_path / "pwned"
 
     class Evil:
@@ -59,7 +64,7 @@ def test_pickled_weights_are_refused(tmp_path: Path) -> None:
 
 def test_card_validation_names_the_file(tmp_path: Path) -> None:
     (tmp_path / "model.yaml").write_text("name: x\narch: unet\nunknown_key: 1\n")
-    with pytest.raises(ModelCardError, match="model.yaml: invalid model card"):
+    with pytest.raises(ModelCardError, match=r"model\.yaml: invalid model card"):
         read_card(tmp_path)
     (tmp_path / "model.yaml").write_text("!!python/object/apply:os.system ['touch /tmp/x']\n")
     with pytest.raises(ModelCardError, match="not valid YAML"):

@@ -25,37 +25,44 @@ def test_grid_covers_every_pixel_on_the_stride_grid(
     tile_size = tiles * align
     overlap = min(overlap_units, (tiles - 1) // 2) * align
     grid = TileGrid(height, width, tile_size, overlap, align)
-    cover = np.zeros((height, width), dtype=np.int32)
+    m = grid.margin
+    cover = np.zeros((height + 2 * m, width + 2 * m), dtype=np.int32)  # origin at (-m, -m)
     for tile in grid.tiles():
         assert tile.row_off % align == 0 and tile.col_off % align == 0
         assert tile.height % align == 0 and tile.width % align == 0
-        assert tile.row_off < height and tile.col_off < width
-        cover[tile.row_off : tile.row_off + tile.height, tile.col_off : tile.col_off + tile.width] += 1
+        assert -m <= tile.row_off < height and -m <= tile.col_off < width
+        rows = slice(tile.row_off + m, tile.row_off + m + tile.height)
+        cols = slice(tile.col_off + m, tile.col_off + m + tile.width)
+        cover[rows, cols] += 1
+    # Every pixel, and the reflected context margin around the scene, is covered.
     assert cover.min() >= 1
     # Never more than two tiles per axis: at most four tiles on a pixel.
     assert cover.max() <= 4
     # No superfluous tile: dropping the last row (or column) of tiles would leave pixels uncovered.
     rows, cols = grid.shape
-    assert rows == 1 or grid.row_offsets[-2] + grid.tile_height < height
-    assert cols == 1 or grid.col_offsets[-2] + grid.tile_width < width
+    assert rows == 1 or grid.row_offsets[-2] + grid.tile_height < height + m
+    assert cols == 1 or grid.col_offsets[-2] + grid.tile_width < width + m
 
 
 def test_known_offsets() -> None:
     grid = TileGrid(1000, 600, 256, 64, 16)
-    assert grid.step == 192
-    assert grid.row_offsets == (0, 192, 384, 576, 768)
-    assert grid.col_offsets == (0, 192, 384)
-    assert len(grid) == 15
-    last = grid.tiles()[-1]
+    assert grid.step == 192 and grid.margin == 64
+    assert grid.row_offsets == (-64, 128, 320, 512, 704, 896)
+    assert grid.col_offsets == (-64, 128, 320, 512)
+    assert len(grid) == 24
+    first, last = grid.tiles()[0], grid.tiles()[-1]
+    assert first.clipped(1000, 600) == (0, 0, 192, 192)
     # The last tile reaches past the edge (padded) instead of being shifted back off the grid.
-    assert (last.row_off, last.col_off, last.height, last.width) == (768, 384, 256, 256)
-    assert last.clipped(1000, 600) == (768, 384, 232, 216)
+    assert (last.row_off, last.col_off, last.height, last.width) == (896, 512, 256, 256)
+    assert last.clipped(1000, 600) == (896, 512, 104, 88)
 
 
 def test_scene_smaller_than_a_tile_gets_one_shrunk_aligned_tile() -> None:
     grid = TileGrid(5, 37, 512, 64, 16)
     assert grid.shape == (1, 1)
-    assert (grid.tile_height, grid.tile_width) == (16, 48)
+    # 5 + 2 x 64 = 133 -> 144; 37 + 128 = 165 -> 176
+    assert (grid.tile_height, grid.tile_width) == (144, 176)
+    assert grid.tiles()[0].clipped(5, 37) == (0, 0, 5, 37)
 
 
 @pytest.mark.parametrize(

@@ -10,9 +10,9 @@ import geopandas as gpd
 import numpy as np
 import pytest
 import rasterio
+from conftest import shared
 from rio_cogeo.cogeo import cog_validate
 
-from conftest import shared
 from geoseg.engine.job import segment
 from geoseg.engine.scene import SegmentOptions
 from geoseg.models.card import read_card
@@ -23,31 +23,50 @@ CLASSES = ["water", "vegetation", "built", "bare"]
 
 def _model(root: Path, name: str, bands: list[str], dtype: str) -> Path:
     out = root / name
-    init_model("unet", bands, CLASSES, out, input_dtype=dtype,
-               arch_args={"depth": 3, "base_channels": 8}, tile_size=256, overlap=64)  # fmt: skip
+    init_model(
+        "unet",
+        bands,
+        CLASSES,
+        out,
+        input_dtype=dtype,
+        arch_args={"depth": 3, "base_channels": 8},
+        tile_size=256,
+        overlap=64,
+    )
     return out
 
 
 CASES = [
     # (shared file, bands of the model, dtype, --bands for files without band names)
     ("landsat7-rgb/RGB.byte.tif", ["red", "green", "blue"], "uint8", None),
-    ("naip/m_4709963_se_14_1_20190904.tif", ["red", "green", "blue", "nir"], "uint8",
-     ("red", "green", "blue", "nir")),
+    (
+        "naip/m_4709963_se_14_1_20190904.tif",
+        ["red", "green", "blue", "nir"],
+        "uint8",
+        ("red", "green", "blue", "nir"),
+    ),
     ("sentinel2-l1c-slovenia/scene_2.tif", ["B02", "B03", "B04", "B08"], "uint16", None),
-    ("aerial-new-brunswick/23322E759967N_clipped_1m_1of2.tif", ["red", "green", "blue"], "uint8",
-     None),
-]  # fmt: skip
+    (
+        "aerial-new-brunswick/23322E759967N_clipped_1m_1of2.tif",
+        ["red", "green", "blue"],
+        "uint8",
+        None,
+    ),
+]
 
 
 @pytest.fixture(scope="module", params=CASES, ids=lambda c: c[0].split("/")[0])
-def segmented(request: pytest.FixtureRequest, ray_local: None, tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+def segmented(
+    request: pytest.FixtureRequest, ray_local: None, tmp_path_factory: pytest.TempPathFactory
+):  # type: ignore[no-untyped-def]
     relative, bands, dtype, band_names = request.param
     source = shared(relative)
     root = tmp_path_factory.mktemp("seg")
     model_dir = _model(root, "model", bands, dtype)
     out = root / "out"
-    results = segment([str(source)], model_dir, out,
-                      SegmentOptions(band_names=band_names, progress=False))  # fmt: skip
+    results = segment(
+        [str(source)], model_dir, out, SegmentOptions(band_names=band_names, progress=False)
+    )
     assert [r.status for r in results] == ["ok"], results[0].error
     return source, model_dir, out / results[0].name, out
 
@@ -83,8 +102,12 @@ def test_outputs_are_valid_cogs_and_gdalinfo_shows_classes(segmented) -> None:  
         valid, errors, _ = cog_validate(str(scene_dir / name))
         assert valid and not errors, (name, errors)
     info = json.loads(
-        subprocess.run(["gdalinfo", "-json", str(scene_dir / "mask.tif")], check=True,
-                       capture_output=True, text=True).stdout  # fmt: skip
+        subprocess.run(
+            ["gdalinfo", "-json", str(scene_dir / "mask.tif")],
+            check=True,
+            capture_output=True,
+            text=True,
+        ).stdout
     )
     band = info["bands"][0]
     assert band["colorInterpretation"] == "Palette"
@@ -95,7 +118,7 @@ def test_outputs_are_valid_cogs_and_gdalinfo_shows_classes(segmented) -> None:  
 
 
 def test_polygon_areas_equal_mask_pixel_areas(segmented) -> None:  # type: ignore[no-untyped-def]
-    source, model_dir, scene_dir, out = segmented
+    _, model_dir, scene_dir, out = segmented
     card = read_card(model_dir)
     polygons = gpd.read_file(scene_dir / "polygons.gpkg")
     with rasterio.open(scene_dir / "mask.tif") as mask:

@@ -1,4 +1,5 @@
-"""Model actors: each loads the model once onto its device and turns tile batches into probabilities.
+"""Model actors: each loads the model once onto its device and turns tile batches into
+probabilities.
 
 Tiles travel as (scene, tile windows); Ray read tasks open the raster themselves, so nothing large
 is ``ray.put`` from the driver and every object can be rebuilt if a worker dies. A batch's read task
@@ -56,7 +57,7 @@ class SegmentationWorker:
         self.device = choose_device(device)
         self.model = model.to(self.device)
         if self.device.type == "cpu":
-            self.model = self.model.to(memory_format=torch.channels_last)
+            self.model = self.model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
         self.precision = precision
         log.info("model %s on %s (%s)", self.card.name, self.device, precision)
 

@@ -10,8 +10,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import ray
 import rasterio
+import ray
 import torch
 
 from geoseg import __version__
@@ -62,8 +62,12 @@ def segment(
         "started": started.isoformat(),
         "finished": None,
         "host": platform.node(),
-        "versions": {"ray": ray.__version__, "torch": torch.__version__,
-                     "rasterio": rasterio.__version__, "gdal": rasterio.__gdal_version__},
+        "versions": {
+            "ray": ray.__version__,
+            "torch": torch.__version__,
+            "rasterio": rasterio.__version__,
+            "gdal": rasterio.__gdal_version__,
+        },
         "model": {
             "dir": str(model_dir),
             "card": card.model_dump(mode="json"),
@@ -72,16 +76,19 @@ def segment(
         "workers": pool.info,
         "parameters": asdict(options),
         "scenes": [],
-    }  # fmt: skip
+    }
     results = []
     try:
         for uri, name in zip(uris, _names(uris), strict=True):
             if name is None:
                 result = SceneResult(
-                    uri=uri, name=None, status="failed", error_type="UnsafeOutputNameError",
+                    uri=uri,
+                    name=None,
+                    status="failed",
+                    error_type="UnsafeOutputNameError",
                     error=f"{uri}: its output name is taken by an earlier input or cannot be made "
                     "safe; rename the file",
-                )  # fmt: skip
+                )
                 log.error(result.error)
             else:
                 t0 = time.perf_counter()
@@ -90,8 +97,12 @@ def segment(
                     mp = (result.height or 0) * (result.width or 0) / 1e6
                     log.info(
                         "%s: ok, %d tiles, %.2f MP in %.1f s, %s polygons",
-                        uri, result.tiles, mp, time.perf_counter() - t0, result.polygons,
-                    )  # fmt: skip
+                        uri,
+                        result.tiles,
+                        mp,
+                        time.perf_counter() - t0,
+                        result.polygons,
+                    )
             results.append(result)
             run["scenes"].append(result.to_json())
             # Written after every scene: a crash later in the run keeps this record.

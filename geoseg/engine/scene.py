@@ -48,7 +48,9 @@ class SegmentOptions:
     workers: int | None = None  # None: one per GPU, else one
     device: str = "auto"
     precision: str = "fp32"
-    tiles_in_flight: int | None = None  # batches between reading and stitching; None: 2 per worker + 1
+    tiles_in_flight: int | None = (
+        None  # batches between reading and stitching; None: 2 per worker + 1
+    )
     confidence: bool = True
     polygons: bool = True
     overwrite: bool = False
@@ -85,7 +87,7 @@ class SceneResult:
 
 
 class WorkerPool:
-    """Model actors, on GPUs when the cluster has them, restarted (and their tiles retried) on failure."""
+    """Model actors, on GPUs when the cluster has any; restarted, tiles retried, on failure."""
 
     def __init__(self, model_dir: Path, options: SegmentOptions) -> None:
         gpus = cluster_gpus()
@@ -103,7 +105,7 @@ class WorkerPool:
             max_restarts=3,
             max_task_retries=3,
         )
-        self.actors = [
+        self.actors: list[Any] = [
             actor_cls.remote(  # type: ignore[attr-defined]
                 str(model_dir), "cuda" if use_gpu else options.device, options.precision, threads
             )
@@ -112,7 +114,7 @@ class WorkerPool:
         self.info = ray.get([a.ready.remote() for a in self.actors])
         self._load = [0] * count
 
-    def submit(self, batch_ref: ray.ObjectRef) -> tuple[ray.ObjectRef, int]:
+    def submit(self, batch_ref: ray.ObjectRef[Any]) -> tuple[ray.ObjectRef[Any], int]:
         index = min(range(len(self.actors)), key=self._load.__getitem__)
         self._load[index] += 1
         return self.actors[index].predict.remote(batch_ref), index
@@ -153,7 +155,7 @@ def _stitch_and_write(
     dtype, nodata = mask_dtype(card.num_classes)
     batches = _chunks(grid.tiles(), options.batch_size)
     in_flight_max = options.tiles_in_flight or 2 * len(pool.actors) + 1
-    pending: dict[ray.ObjectRef, tuple[list[Tile], int]] = {}
+    pending: dict[ray.ObjectRef[Any], tuple[list[Tile], int]] = {}
     empty: NDArray[np.float16] | None = None
     timings = {"read_s": 0.0, "infer_s": 0.0, "stitch_s": 0.0, "wait_s": 0.0}
     progress = tqdm(
@@ -200,9 +202,7 @@ def _stitch_and_write(
     result.timings_s.update(timings)
 
 
-def _polygonize(
-    out_dir: Path, scene: SceneInfo, card: ModelCard, nodata: int
-) -> int:
+def _polygonize(out_dir: Path, scene: SceneInfo, card: ModelCard, nodata: int) -> int:
     polygonizer = StripPolygonizer(scene.transform, scene.width, scene.height, nodata)
     regions = []
     for row_off, strip in read_mask_strips(out_dir / "mask.tif", POLYGON_STRIP_ROWS):
@@ -258,7 +258,7 @@ def segment_scene(
         output.commit()
         output = None
         result.status = "ok"
-    except Exception as exc:  # noqa: BLE001 - one scene's failure must not stop the others
+    except Exception as exc:
         cause = exc.cause if isinstance(exc, ray.exceptions.RayTaskError) and exc.cause else exc
         result.error = str(cause).strip()
         result.error_type = type(cause).__name__
@@ -271,4 +271,3 @@ def segment_scene(
             output.abort()
         result.timings_s["total_s"] = time.perf_counter() - start
     return result
-

@@ -84,9 +84,10 @@ class ClassRasterWriter:
         )
         self._conf = (
             rasterio.open(
-                out_dir / "confidence.stream.tif", "w",
+                out_dir / "confidence.stream.tif",
+                "w",
                 **_profile(scene, "uint8", CONFIDENCE_NODATA),
-            )  # fmt: skip
+            )
             if confidence
             else None
         )

@@ -83,9 +83,7 @@ def write_json_atomic(path: Path, data: Any) -> None:
     tmp.replace(path)
 
 
-def read_mask_strips(
-    path: Path, rows: int
-) -> Iterator[tuple[int, NDArray[np.integer]]]:
+def read_mask_strips(path: Path, rows: int) -> Iterator[tuple[int, NDArray[np.integer]]]:
     """Yield ``(row_off, strip)`` of band 1 of ``path``, ``rows`` lines at a time."""
     with rasterio.open(path) as src:
         for row_off in range(0, src.height, rows):

@@ -74,8 +74,7 @@ def match_bands(
     if missing:
         shown = ", ".join(n if n else "(unnamed)" for n in file_names)
         example = [
-            card_bands[i] if i < len(card_bands) else f"band{i + 1}"
-            for i in range(len(file_names))
+            card_bands[i] if i < len(card_bands) else f"band{i + 1}" for i in range(len(file_names))
         ]
         raise BandMismatchError(
             f"{uri}: the model expects bands [{', '.join(card_bands)}]; the file has "
@@ -133,13 +132,16 @@ def open_scene(uri: str, card: ModelCard, band_names: list[str] | None = None) -
 def read_tile(
     scene: SceneInfo, row_off: int, col_off: int, height: int, width: int
 ) -> tuple[NDArray[np.generic], NDArray[np.bool_]]:
-    """Read a tile window; the part past the scene edge is reflect-padded and marked not valid.
+    """Read a tile window; the part past the scene edges is reflect-padded and marked not valid.
 
-    Returns raw pixel values ``(bands, height, width)`` in the file's dtype, and the validity mask
-    (declared nodata, internal mask or alpha band as GDAL's dataset mask, and non-finite values).
+    The window may start before the scene (negative offsets) and end past it. Returns raw pixel
+    values ``(bands, height, width)`` in the file's dtype, and the validity mask (declared nodata,
+    internal mask or alpha band as GDAL's dataset mask, and non-finite values).
     """
-    rows = min(height, scene.height - row_off)
-    cols = min(width, scene.width - col_off)
+    top, left = max(0, -row_off), max(0, -col_off)
+    row_off, col_off = row_off + top, col_off + left
+    rows = min(height - top, scene.height - row_off)
+    cols = min(width - left, scene.width - col_off)
     window = Window(col_off, row_off, cols, rows)
     try:
         with rasterio.Env(**READ_ENV), warnings.catch_warnings():
@@ -155,7 +157,7 @@ def read_tile(
     if np.issubdtype(data.dtype, np.floating):
         valid &= np.isfinite(data).all(axis=0)
         data = np.where(np.isfinite(data), data, 0).astype(data.dtype)
-    pad = ((0, height - rows), (0, width - cols))
+    pad = ((top, height - top - rows), (left, width - left - cols))
     if pad != ((0, 0), (0, 0)):
         data = np.pad(data, ((0, 0), *pad), mode="reflect")
         valid = np.pad(valid, pad, mode="constant", constant_values=False)

@@ -23,9 +23,17 @@ WEIGHTS_FILE = "weights.safetensors"
 
 # Distinct colours for classes whose card gives none (QGIS-style categorical palette).
 DEFAULT_COLORS: tuple[tuple[int, int, int], ...] = (
-    (31, 119, 180), (44, 160, 44), (214, 39, 40), (188, 189, 34), (148, 103, 189),
-    (140, 86, 75), (227, 119, 194), (127, 127, 127), (23, 190, 207), (255, 127, 14),
-)  # fmt: skip
+    (31, 119, 180),
+    (44, 160, 44),
+    (214, 39, 40),
+    (188, 189, 34),
+    (148, 103, 189),
+    (140, 86, 75),
+    (227, 119, 194),
+    (127, 127, 127),
+    (23, 190, 207),
+    (255, 127, 14),
+)
 
 
 def canonical_band_name(name: str) -> str:

@@ -91,7 +91,7 @@ class BasicBlock(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         """Residual forward pass."""
         identity = x if self.downsample is None else self.downsample(x)
-        out = self.relu(self.bn1(self.conv1(x)))
+        out: Tensor = self.relu(self.bn1(self.conv1(x)))
         out = self.bn2(self.conv2(out))
         # Out-of-place add: ``identity`` may be the block input, which autograd still needs.
         out = self.relu(out + identity)
@@ -181,7 +181,7 @@ class ASPPPooling(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """Return the pooled descriptor broadcast to ``x``'s spatial size."""
-        pooled = self.relu(self.conv(F.adaptive_avg_pool2d(x, 1)))
+        pooled: Tensor = self.relu(self.conv(F.adaptive_avg_pool2d(x, 1)))
         # ``expand`` equals bilinear upsampling of a 1x1 map and allocates nothing.
         return pooled.expand(-1, -1, x.shape[-2], x.shape[-1])
 
@@ -307,8 +307,10 @@ class DeepLabV3(nn.Module):
             rates = [r * 16 // output_stride for r in BASE_ATROUS_RATES]
         else:
             rates = _check_int_list("atrous_rates", atrous_rates, 3)
-        if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not (
-            0.0 <= dropout < 1.0
+        if (
+            isinstance(dropout, bool)
+            or not isinstance(dropout, (int, float))
+            or not (0.0 <= dropout < 1.0)
         ):
             raise ModelCardError(
                 f"{ARCH_NAME}: invalid dropout={dropout!r}; accepted: a number in [0, 1)"
@@ -351,9 +353,7 @@ class DeepLabV3(nn.Module):
         """
         features = self.backbone(x)
         logits = self.classifier(self.head(self.aspp(features)))
-        out: Tensor = F.interpolate(
-            logits, size=x.shape[-2:], mode="bilinear", align_corners=False
-        )
+        out: Tensor = F.interpolate(logits, size=x.shape[-2:], mode="bilinear", align_corners=False)
         return out
 
 

@@ -32,9 +32,7 @@ def _check_int(name: str, value: object, minimum: int) -> int:
 def _conv_bn_relu(in_channels: int, out_channels: int, kernel_size: int = 3) -> nn.Sequential:
     """Conv (no bias, BN follows) + BatchNorm + ReLU with 'same' padding."""
     return nn.Sequential(
-        nn.Conv2d(
-            in_channels, out_channels, kernel_size, padding=kernel_size // 2, bias=False
-        ),
+        nn.Conv2d(in_channels, out_channels, kernel_size, padding=kernel_size // 2, bias=False),
         nn.BatchNorm2d(out_channels),
         # In-place is safe: the BN output is not needed by BN's backward pass.
         nn.ReLU(inplace=True),
@@ -90,8 +88,10 @@ class FCN8s(nn.Module):
         _check_int("in_channels", in_channels, 1)
         _check_int("num_classes", num_classes, 1)
         _check_int("base_channels", base_channels, 1)
-        if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not (
-            0.0 <= dropout < 1.0
+        if (
+            isinstance(dropout, bool)
+            or not isinstance(dropout, (int, float))
+            or not (0.0 <= dropout < 1.0)
         ):
             raise ModelCardError(
                 f"{ARCH_NAME}: invalid dropout={dropout!r}; accepted: a number in [0, 1)"
@@ -135,9 +135,7 @@ class FCN8s(nn.Module):
         # Small final scores start training near the uniform prediction (loss ~ log C).
         nn.init.normal_(self.score_pool5.weight, std=0.01)
         for skip in (self.score_pool4, self.score_pool3):
-            nn.init.zeros_(skip.weight)
-            assert skip.bias is not None
-            nn.init.zeros_(skip.bias)
+            nn.init.zeros_(skip.weight)  # biases are already zero
 
     def forward(self, x: Tensor) -> Tensor:
         """Compute per-pixel class logits.

@@ -23,7 +23,7 @@ from geoseg.models.card import (
 )
 from geoseg.models.registry import build_model, total_stride
 
-# Per input dtype: scaling to roughly [0, 1] when the user gives none (uint16 as reflectance x 10000).
+# Per input dtype: scaling to about [0, 1] when the user gives none (uint16: reflectance x 10000).
 DEFAULT_SCALE = {"uint8": 1 / 255, "uint16": 1 / 10000, "int16": 1 / 10000, "float32": 1.0}
 
 

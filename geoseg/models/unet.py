@@ -36,7 +36,9 @@ class DoubleConv(nn.Sequential):
         mid_channels: Channels between the two convs; defaults to ``out_channels``.
     """
 
-    def __init__(self, in_channels: int, out_channels: int, mid_channels: int | None = None) -> None:
+    def __init__(
+        self, in_channels: int, out_channels: int, mid_channels: int | None = None
+    ) -> None:
         mid = out_channels if mid_channels is None else mid_channels
         super().__init__(
             # No conv bias: the following BatchNorm has its own shift.
@@ -132,7 +134,8 @@ class UNet(nn.Module):
         _check_int("depth", depth, 1)
         if upsampling not in UPSAMPLING_MODES:
             raise ModelCardError(
-                f"{ARCH_NAME}: invalid upsampling={upsampling!r}; accepted: {list(UPSAMPLING_MODES)}"
+                f"{ARCH_NAME}: invalid upsampling={upsampling!r}; "
+                f"accepted: {list(UPSAMPLING_MODES)}"
             )
         self.total_stride = 2**depth
 

@@ -8,9 +8,9 @@ taper at distance ``d`` from the tile edge (``m = overlap // 4`` is a dead margi
     w(d) = sin^2(pi / 2 * (d - m + 0.5) / (overlap - 2 m))   for m <= d < overlap - m
     w(d) = 1                                  otherwise
 
-Because ``sin^2(x) + cos^2(x) = 1``, the weights of the two tiles sharing an overlap sum to exactly 1,
-and the 2-D weight (outer product of the row and column weights) of the up-to-four tiles covering a
-pixel sums to 1: the blend is a partition of unity and needs no normalisation. The dead margin keeps
+Because ``sin^2(x) + cos^2(x) = 1``, the weights of the two tiles sharing an overlap sum to exactly
+1, and the 2-D weight (outer product of the row and column weights) of the up to four tiles
+covering a pixel sums to 1: the blend is a partition of unity and needs no normalisation. The dead margin keeps
 the few pixels next to a tile edge, where the model lacked context, out of the result entirely.
 
 Probabilities (softmax), never logits, are blended. Pixels that are not valid (nodata) take no part.
@@ -25,6 +25,7 @@ from __future__ import annotations
 
 from bisect import bisect_left
 from dataclasses import dataclass, field
+from itertools import pairwise
 from math import pi
 
 import numpy as np
@@ -48,15 +49,24 @@ def taper(length: int, overlap: int, taper_start: bool, taper_end: bool) -> NDAr
     return weights.astype(np.float32)
 
 
+def _taper_flags(tile: Tile, grid: TileGrid) -> tuple[bool, bool, bool, bool]:
+    """Which sides of ``tile`` have a neighbour to share weight with (top, bottom, left, right)."""
+    rows, cols = grid.shape
+    return (
+        tile.grid_row > 0,
+        tile.grid_row < rows - 1,
+        tile.grid_col > 0,
+        tile.grid_col < cols - 1,
+    )
+
+
 def tile_weights(grid: TileGrid, tile: Tile) -> NDArray[np.float32]:
-    """2-D weights of ``tile`` clipped to the scene, shape ``(rows inside, cols inside)``."""
-    _, _, rows, cols = tile.clipped(grid.height, grid.width)
-    w_rows = taper(
-        tile.height, grid.overlap, tile.row_off > 0, tile.row_off + tile.height < grid.height
-    )[:rows]
-    w_cols = taper(
-        tile.width, grid.overlap, tile.col_off > 0, tile.col_off + tile.width < grid.width
-    )[:cols]
+    """2-D weights of the part of ``tile`` inside the scene, shape ``(rows, cols)`` inside."""
+    row_off, col_off, rows, cols = tile.clipped(grid.height, grid.width)
+    top, bottom, left, right = _taper_flags(tile, grid)
+    top_skip, left_skip = row_off - tile.row_off, col_off - tile.col_off
+    w_rows = taper(tile.height, grid.overlap, top, bottom)[top_skip : top_skip + rows]
+    w_cols = taper(tile.width, grid.overlap, left, right)[left_skip : left_skip + cols]
     return np.outer(w_rows, w_cols)
 
 
@@ -64,7 +74,7 @@ def _segments(offsets: tuple[int, ...], size: int, length: int) -> list[tuple[in
     """Split ``[0, length)`` at every tile start and end: ``(start, stop, tiles covering)``."""
     cuts = sorted({0, length, *offsets, *(min(o + size, length) for o in offsets)})
     segments = []
-    for start, stop in zip(cuts[:-1], cuts[1:], strict=True):
+    for start, stop in pairwise(cuts):
         covering = sum(1 for o in offsets if o <= start and o + size >= stop)
         segments.append((start, stop, covering))
     return segments
@@ -98,7 +108,7 @@ class Stitcher:
         self._row_starts = [start for start, _, _ in self._row_segments]
         self._col_starts = [start for start, _, _ in self._col_segments]
         self._cells: dict[tuple[int, int], _Cell] = {}
-        self._weights: dict[tuple[bool, bool, bool, bool], NDArray[np.float32]] = {}
+        self._weights: dict[tuple[bool | int, ...], NDArray[np.float32]] = {}
 
     @property
     def pending_cells(self) -> int:
@@ -106,32 +116,29 @@ class Stitcher:
         return len(self._cells)
 
     def _weights_for(self, tile: Tile) -> NDArray[np.float32]:
-        # Only the scene-border flags and the clipping change the weights: cache by those.
-        g = self.grid
-        key = (
-            tile.row_off > 0,
-            tile.row_off + tile.height < g.height,
-            tile.col_off > 0,
-            tile.col_off + tile.width < g.width,
-        )
-        clipped = tile.clipped(g.height, g.width)
+        # Only the neighbour flags and the clipping change the weights: cache by those.
+        clipped = tile.clipped(self.grid.height, self.grid.width)
+        key = (*_taper_flags(tile, self.grid), *clipped)
         weights = self._weights.get(key)
-        if weights is None or weights.shape != clipped[2:]:
-            weights = tile_weights(g, tile)
+        if weights is None:
+            weights = tile_weights(self.grid, tile)
             self._weights[key] = weights
         return weights
 
-    def add(
-        self, tile: Tile, probs: NDArray[np.floating], valid: NDArray[np.bool_]
-    ) -> list[Block]:
+    def add(self, tile: Tile, probs: NDArray[np.floating], valid: NDArray[np.bool_]) -> list[Block]:
         """Add one tile's probabilities ``(classes, tile rows, tile cols)`` and validity mask.
 
-        Both may include the padding past the scene edge; it is cropped here. Returns the blocks
-        that became final.
+        Both cover the whole tile, margins past the scene edge included; those are cropped here.
+        Returns the blocks that became final.
         """
         row_off, col_off, rows, cols = tile.clipped(self.grid.height, self.grid.width)
-        weights = self._weights_for(tile) * valid[:rows, :cols]
-        weighted = probs[:, :rows, :cols].astype(np.float32) * weights
+        inside = np.s_[
+            row_off - tile.row_off : row_off - tile.row_off + rows,
+            col_off - tile.col_off : col_off - tile.col_off + cols,
+        ]
+        valid = valid[inside]
+        weights = self._weights_for(tile) * valid
+        weighted = probs[(slice(None), *inside)].astype(np.float32) * weights
         finished = []
         # Tiles start and end on segment boundaries, so a tile covers a contiguous run of segments.
         row_first = bisect_left(self._row_starts, row_off)

@@ -19,10 +19,14 @@ TRANSFORM = Affine(10, 0, 500000, 0, -10, 5100000)
 
 def _write(path: Path, data: np.ndarray, **profile: object) -> Path:
     base: dict[str, object] = {
-        "driver": "GTiff", "height": data.shape[1], "width": data.shape[2],
-        "count": data.shape[0], "dtype": data.dtype.name, "crs": "EPSG:32633",
+        "driver": "GTiff",
+        "height": data.shape[1],
+        "width": data.shape[2],
+        "count": data.shape[0],
+        "dtype": data.dtype.name,
+        "crs": "EPSG:32633",
         "transform": TRANSFORM,
-    }  # fmt: skip
+    }
     base.update(profile)
     path.unlink(missing_ok=True)  # GDAL would try to open (and choke on) a broken older file
     with rasterio.open(path, "w", **base) as dst:
@@ -43,19 +47,27 @@ def make_all(out: Path) -> dict[str, Path]:
     paths = {
         "good": _write(out / "good.tif", _rgb(rng, 200, 300)),
         "two_band": _write(out / "two_band.tif", rng.integers(0, 255, (2, 64, 64), dtype=np.uint8)),
-        "no_crs": _write(out / "no_crs.tif", _rgb(rng, 64, 64), crs=None,
-                         transform=Affine.identity()),
-        "rotated": _write(out / "rotated.tif", _rgb(rng, 64, 64),
-                          transform=TRANSFORM * Affine.rotation(10)),
+        "no_crs": _write(
+            out / "no_crs.tif", _rgb(rng, 64, 64), crs=None, transform=Affine.identity()
+        ),
+        "rotated": _write(
+            out / "rotated.tif", _rgb(rng, 64, 64), transform=TRANSFORM * Affine.rotation(10)
+        ),
         "uint16": _write(out / "uint16.tif", rng.integers(0, 9999, (3, 64, 64), dtype=np.uint16)),
         "all_nodata": _write(out / "all_nodata.tif", np.zeros((3, 100, 120), np.uint8), nodata=0),
         "one_px_wide": _write(out / "one_px_wide.tif", _rgb(rng, 300, 1)),
         "tiny": _write(out / "tiny.tif", _rgb(rng, 5, 7)),
-    }  # fmt: skip
+    }
     # Corrupt: the middle of the compressed blocks is overwritten with junk, the header and the
     # directory survive, so it opens and fails only when a damaged block is read.
-    corrupt = _write(out / "corrupt.tif", _rgb(rng, 512, 512), tiled=True, blockxsize=128,
-                     blockysize=128, compress="DEFLATE")  # fmt: skip
+    corrupt = _write(
+        out / "corrupt.tif",
+        _rgb(rng, 512, 512),
+        tiled=True,
+        blockxsize=128,
+        blockysize=128,
+        compress="DEFLATE",
+    )
     raw = bytearray(corrupt.read_bytes())
     start, stop = len(raw) * 3 // 10, len(raw) * 6 // 10
     raw[start:stop] = rng.integers(0, 256, stop - start, dtype=np.uint8).tobytes()
