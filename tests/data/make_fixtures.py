@@ -8,11 +8,13 @@ Every fixture is an RGB uint8 scene in EPSG:32633 unless its name says what is w
 from __future__ import annotations
 
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
 import rasterio
 from affine import Affine
+from rasterio.errors import NotGeoreferencedWarning
 
 TRANSFORM = Affine(10, 0, 500000, 0, -10, 5100000)
 
@@ -29,7 +31,11 @@ def _write(path: Path, data: np.ndarray, **profile: object) -> Path:
     }
     base.update(profile)
     path.unlink(missing_ok=True)  # GDAL would try to open (and choke on) a broken older file
-    with rasterio.open(path, "w", **base) as dst:
+    with warnings.catch_warnings():
+        # The no-CRS fixture is meant to be ungeoreferenced.
+        warnings.simplefilter("ignore", NotGeoreferencedWarning)
+        dst = rasterio.open(path, "w", **base)
+    with dst:
         dst.write(data)
         if data.shape[0] == 3:
             dst.descriptions = ("red", "green", "blue")
@@ -51,7 +57,7 @@ def make_all(out: Path) -> dict[str, Path]:
             out / "no_crs.tif", _rgb(rng, 64, 64), crs=None, transform=Affine.identity()
         ),
         "rotated": _write(
-            out / "rotated.tif", _rgb(rng, 64, 64), transform=TRANSFORM * Affine.rotation(10)
+            out / "rotated.tif", _rgb(rng, 64, 64), transform=TRANSFORM @ Affine.rotation(10)
         ),
         "uint16": _write(out / "uint16.tif", rng.integers(0, 9999, (3, 64, 64), dtype=np.uint16)),
         "all_nodata": _write(out / "all_nodata.tif", np.zeros((3, 100, 120), np.uint8), nodata=0),
