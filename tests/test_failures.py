@@ -18,8 +18,12 @@ from geoseg.engine.scene import SegmentOptions
 def _geoseg(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "geoseg", "-q", *args],
-        capture_output=True, text=True, timeout=300, env={**os.environ, "RAY_ADDRESS": ""},
-    )  # fmt: skip
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "RAY_ADDRESS": ""},
+    )
 
 
 def test_cli_bad_inputs_fail_alone(

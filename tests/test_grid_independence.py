@@ -7,8 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import rasterio
-
 from conftest import AERIAL
+
 from geoseg.engine.job import segment
 from geoseg.engine.scene import SegmentOptions
 

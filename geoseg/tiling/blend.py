@@ -10,8 +10,8 @@ taper at distance ``d`` from the tile edge (``m = overlap // 4`` is a dead margi
 
 Because ``sin^2(x) + cos^2(x) = 1``, the weights of the two tiles sharing an overlap sum to exactly
 1, and the 2-D weight (outer product of the row and column weights) of the up to four tiles
-covering a pixel sums to 1: the blend is a partition of unity and needs no normalisation. The dead margin keeps
-the few pixels next to a tile edge, where the model lacked context, out of the result entirely.
+covering a pixel sums to 1: the blend is a partition of unity and needs no normalisation. The dead
+margin keeps the few pixels next to a tile edge, where the model lacked context, out of the result.
 
 Probabilities (softmax), never logits, are blended. Pixels that are not valid (nodata) take no part.
 

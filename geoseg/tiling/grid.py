@@ -113,12 +113,12 @@ class TileGrid:
 
     @property
     def tile_height(self) -> int:
-        """Tile rows: the nominal size, or ``height + 2 margin`` rounded up to ``align`` if less."""
+        """Tile rows: the nominal size, or ``height + 2 margin`` rounded up to ``align``."""
         return min(self.tile_size, _round_up(self.height + 2 * self.margin, self.align))
 
     @property
     def tile_width(self) -> int:
-        """Tile columns: the nominal size, or ``width + 2 margin`` rounded up to ``align`` if less."""
+        """Tile columns: the nominal size, or ``width + 2 margin`` rounded up to ``align``."""
         return min(self.tile_size, _round_up(self.width + 2 * self.margin, self.align))
 
     @cached_property
