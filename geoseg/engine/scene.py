@@ -130,10 +130,19 @@ class WorkerPool:
 def blocks_to_classes(
     block: Block, nodata: int, dtype: str
 ) -> tuple[NDArray[np.integer], NDArray[np.uint8]]:
-    """Class ids (nodata where not valid) and confidence ``round(255 x max prob)`` of a block."""
-    ids = block.probs.argmax(axis=0).astype(dtype)
+    """Class ids (nodata where not valid) and confidence ``round(255 x max prob)`` of a block.
+
+    A running maximum over the class planes: the same first-maximum rule as ``argmax(axis=0)``,
+    about twice as fast on a (classes, rows, cols) array, and it yields the maximum for free.
+    """
+    probs = block.probs
+    best = probs[0].copy()
+    ids = np.zeros(best.shape, dtype=dtype)
+    for class_id in range(1, probs.shape[0]):
+        np.copyto(ids, class_id, where=probs[class_id] > best, casting="unsafe")
+        np.maximum(best, probs[class_id], out=best)
     ids[~block.valid] = nodata
-    confidence = np.clip(np.rint(block.probs.max(axis=0) * 255), 1, 255).astype(np.uint8)
+    confidence = np.clip(np.rint(best * 255), 1, 255).astype(np.uint8)
     confidence[~block.valid] = 0
     return ids, confidence
 
