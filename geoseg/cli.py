@@ -9,14 +9,18 @@ from __future__ import annotations
 import json
 import logging
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 import yaml
 
 from geoseg import __version__
 from geoseg.errors import GeosegError
+
+if TYPE_CHECKING:
+    from geoseg.measure import Quantity
 
 EXIT_SCENE_FAILED = 1
 EXIT_USAGE = 2
@@ -52,6 +56,70 @@ def _arch_args(values: tuple[str, ...]) -> dict[str, Any]:
     return out
 
 
+def _area(ctx: click.Context, param: click.Parameter, value: str | None) -> Quantity | None:
+    from geoseg.measure import parse_area
+
+    try:
+        return parse_area(value) if value is not None else None
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from exc
+
+
+def _length(ctx: click.Context, param: click.Parameter, value: str | None) -> Quantity | None:
+    from geoseg.measure import parse_length
+
+    try:
+        return parse_length(value) if value is not None else None
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from exc
+
+
+def _formats(ctx: click.Context, param: click.Parameter, value: tuple[str, ...]) -> tuple[str, ...]:
+    from geoseg.io.vectors import parse_formats
+
+    try:
+        return parse_formats(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from exc
+
+
+def _polygon_options(f: Callable[..., Any]) -> Callable[..., Any]:
+    """The polygon options shared by ``segment`` and ``vectorize``."""
+    options = [
+        click.option(
+            "--vector-format",
+            "vector_formats",
+            multiple=True,
+            callback=_formats,
+            metavar="gpkg|parquet|fgb",
+            help="Polygon formats, repeatable or comma-separated [gpkg].",
+        ),
+        click.option(
+            "--min-area",
+            callback=_area,
+            metavar="SIZE",
+            help="Minimum mapping unit, e.g. 20px or 500m2: smaller regions are merged into the "
+            "neighbour they share the longest boundary with [off].",
+        ),
+        click.option(
+            "--fill-holes-below",
+            callback=_area,
+            metavar="SIZE",
+            help="Fill holes smaller than this (20px, 500m2) with the surrounding polygon [off].",
+        ),
+        click.option(
+            "--simplify",
+            callback=_length,
+            metavar="TOL",
+            help="Topology-preserving simplification of the whole coverage, e.g. 1px or 2m "
+            "(no gaps or overlaps between neighbours) [off].",
+        ),
+    ]
+    for option in reversed(options):
+        f = option(f)
+    return f
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="geoseg")
 @click.option("-v", "--verbose", count=True, help="More log output (repeatable).")
@@ -61,6 +129,39 @@ def main(ctx: click.Context, verbose: int, quiet: int) -> None:
     """Seam-free semantic segmentation of large GeoTIFFs on Ray."""
     _setup_logging(verbose, quiet)
     ctx.obj = {"quiet": quiet > 0}
+
+
+_CRF_PARAMS = {
+    "crf_iterations": ("iterations", int, "mean-field iterations"),
+    "crf_window": ("window", int, "odd window edge messages travel in (local backend)"),
+    "crf_spatial_sigma": ("spatial_sigma", float, "smoothness kernel width, pixels"),
+    "crf_spatial_weight": ("spatial_weight", float, "smoothness kernel weight"),
+    "crf_bilateral_sigma_xy": ("bilateral_sigma_xy", float, "appearance kernel width, pixels"),
+    "crf_bilateral_sigma_feat": (
+        "bilateral_sigma_feat", float, "appearance kernel width, normalised band units",
+    ),
+    "crf_bilateral_weight": ("bilateral_weight", float, "appearance kernel weight"),
+}  # fmt: skip
+
+
+def _crf_options(command: Callable[..., None]) -> Callable[..., None]:
+    """CRF options of ``segment``: on/off, backend, band height and each kernel parameter."""
+    for name, (_, kind, text) in reversed(_CRF_PARAMS.items()):
+        flag = "--" + name.replace("_", "-")
+        command = click.option(flag, name, type=kind, help=f"CRF: {text} [card's].")(command)
+    command = click.option(
+        "--crf-band-rows", default=256, show_default=True, type=int,
+        help="CRF: rows refined at a time (plus a halo of iterations x window radius).",
+    )(command)  # fmt: skip
+    command = click.option(
+        "--crf-backend", default="local", show_default=True, type=click.Choice(["local", "dense"]),
+        help="CRF: local-window mean field (any size), or the fully connected reference "
+        "(pydensecrf2, whole scene in memory).",
+    )(command)  # fmt: skip
+    return click.option(
+        "--crf/--no-crf", default=None,
+        help="CRF-smooth the blended probabilities [on when the model card recommends it].",
+    )(command)  # fmt: skip
 
 
 @main.group()
@@ -122,6 +223,27 @@ def model_init(
     )
 
 
+@model.command("import-dynamicworld")
+@click.argument("savedmodel_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="Model directory.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing model directory.")
+def model_import_dynamicworld(savedmodel_dir: Path, out: Path, overwrite: bool) -> None:
+    """Convert Google's Dynamic World TensorFlow SavedModel (its forward/ folder) into a model
+    directory at --out. TensorFlow is not needed."""
+    from geoseg.models.dynamicworld import import_dynamicworld
+
+    card = import_dynamicworld(savedmodel_dir, out, overwrite=overwrite)
+    log.info(
+        "wrote %s (%s, %d bands, %d classes, tile %d, overlap %d)",
+        out,
+        card.arch,
+        len(card.bands),
+        card.num_classes,
+        card.tile_size,
+        card.overlap,
+    )
+
+
 @model.command("info")
 @click.argument("model_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of YAML.")
@@ -173,11 +295,14 @@ def model_info(model_dir: Path, as_json: bool) -> None:
 )
 @click.option("--confidence/--no-confidence", default=True, show_default=True)
 @click.option("--polygons/--no-polygons", default=True, show_default=True)
+@_polygon_options
+@_crf_options
 @click.option("--overwrite", is_flag=True, help="Replace existing outputs.")
 @click.option("--address", help="Ray cluster address [start Ray locally].")
 @click.pass_context
 def segment(
     ctx: click.Context,
+    /,
     inputs: tuple[str, ...],
     model_dir: Path,
     out: Path,
@@ -191,8 +316,16 @@ def segment(
     precision: str,
     confidence: bool,
     polygons: bool,
+    vector_formats: tuple[str, ...],
+    min_area: Quantity | None,
+    fill_holes_below: Quantity | None,
+    simplify: Quantity | None,
     overwrite: bool,
     address: str | None,
+    crf: bool | None,
+    crf_backend: str,
+    crf_band_rows: int,
+    **crf_params: float | None,
 ) -> None:
     """Segment INPUTS (GeoTIFFs) into OUT/<name>/: mask.tif, confidence.tif, polygons.gpkg."""
     from geoseg.engine.job import segment as run_segment
@@ -212,6 +345,14 @@ def segment(
         overwrite=overwrite,
         band_names=tuple(band_names) if band_names else None,
         progress=not ctx.obj["quiet"],
+        min_area=min_area,
+        fill_holes_below=fill_holes_below,
+        simplify=simplify,
+        vector_formats=vector_formats,
+        crf=crf,
+        crf_params={_CRF_PARAMS[k][0]: v for k, v in crf_params.items() if v is not None},
+        crf_backend=crf_backend,
+        crf_band_rows=crf_band_rows,
     )
     results = run_segment(list(inputs), model_dir, out, options, address=address)
     failed = [r for r in results if r.status != "ok"]
@@ -222,6 +363,69 @@ def segment(
         click.echo(f"FAILED {r.uri}: {r.error}", err=True)
     if failed:
         ctx.exit(EXIT_SCENE_FAILED)
+
+
+@main.command()
+@click.argument("mask", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option(
+    "--out",
+    required=True,
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Output folder for polygons.<ext> (created).",
+)
+@_polygon_options
+@click.option(
+    "--model",
+    "model_dir",
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    help="Model directory: class names and colours when the raster carries none, and the "
+    "model_name / weights_sha256 attributes.",
+)
+@click.option(
+    "--confidence",
+    "confidence_path",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="Confidence raster on the mask's grid for confidence_mean [confidence.tif beside a "
+    "mask.tif].",
+)
+@click.option("--scene-id", help="scene_id attribute [the mask's folder for mask.tif, else stem].")
+@click.option("--overwrite", is_flag=True, help="Replace existing output files.")
+def vectorize(
+    mask: Path,
+    out: Path,
+    vector_formats: tuple[str, ...],
+    min_area: Quantity | None,
+    fill_holes_below: Quantity | None,
+    simplify: Quantity | None,
+    model_dir: Path | None,
+    confidence_path: Path | None,
+    scene_id: str | None,
+    overwrite: bool,
+) -> None:
+    """Polygons of any class raster MASK into --out, as `segment` writes them.
+
+    Class names and colours come from the raster's CLASS_NAMES / CLASS_COLORS tags (geoseg's
+    masks), else from --model's card and the raster's colour table, else class_<id>.
+    """
+    from geoseg.io.vectors import vectorize_file
+    from geoseg.models.card import WEIGHTS_FILE, file_sha256, read_card
+    from geoseg.vectorize import CoverageOptions
+
+    card = read_card(model_dir) if model_dir is not None else None
+    weights = model_dir / WEIGHTS_FILE if model_dir is not None else None
+    files, count = vectorize_file(
+        mask,
+        out,
+        formats=vector_formats,
+        coverage=CoverageOptions(min_area, fill_holes_below, simplify),
+        card_classes=card.classes if card is not None else (),
+        model_name=card.name if card is not None else None,
+        weights_sha256=file_sha256(weights) if weights is not None and weights.exists() else None,
+        confidence_path=confidence_path,
+        scene_id=scene_id,
+        overwrite=overwrite,
+    )
+    log.info("%s: %d polygons -> %s", mask, count, ", ".join(str(f) for f in files))
 
 
 def run() -> None:

@@ -57,7 +57,7 @@ def test_cli_bad_inputs_fail_alone(
     # Only committed outputs: the good scene's folder and run.json, no partial folders.
     assert sorted(p.name for p in out.iterdir()) == ["good", "run.json"]
     assert sorted(p.name for p in (out / "good").iterdir()) == [
-        "confidence.tif", "mask.tif", "mask.tif.aux.xml", "polygons.gpkg",
+        "confidence.tif", "mask.qml", "mask.tif", "mask.tif.aux.xml", "polygons.gpkg",
     ]  # fmt: skip
 
 

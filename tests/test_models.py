@@ -46,7 +46,8 @@ def _randomize_inference_state(model: nn.Module) -> None:
 
 
 def test_registry_keys() -> None:
-    assert sorted(ARCHITECTURES) == sorted(ARCHS)
+    # The seed's three generic architectures plus the Dynamic World port (tests/test_dynamicworld).
+    assert sorted(ARCHITECTURES) == sorted([*ARCHS, "dynamicworld"])
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -223,7 +224,8 @@ def test_torch_compile_traces_without_graph_breaks(arch: str) -> None:
 
 @pytest.mark.parametrize("arch", ["resnet", "FCN", "", None])
 def test_unknown_arch(arch: Any) -> None:
-    with pytest.raises(ModelCardError, match=r"\['deeplabv3', 'fcn', 'unet'\]") as info:
+    accepted = r"\['deeplabv3', 'dynamicworld', 'fcn', 'unet'\]"
+    with pytest.raises(ModelCardError, match=accepted) as info:
         build_model(arch, 3, 2)
     assert repr(arch) in str(info.value)
     assert isinstance(info.value, ValueError)

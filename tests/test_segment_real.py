@@ -120,13 +120,26 @@ def test_outputs_are_valid_cogs_and_gdalinfo_shows_classes(segmented) -> None:  
 def test_polygon_areas_equal_mask_pixel_areas(segmented) -> None:  # type: ignore[no-untyped-def]
     _, model_dir, scene_dir, out = segmented
     card = read_card(model_dir)
-    polygons = gpd.read_file(scene_dir / "polygons.gpkg")
+    polygons = gpd.read_file(scene_dir / "polygons.gpkg", layer="polygons")
     with rasterio.open(scene_dir / "mask.tif") as mask:
         ids = mask.read(1)
         pixel_area = abs(mask.transform.a * mask.transform.e)
         assert polygons.crs == mask.crs
     assert polygons.geometry.is_valid.all()
-    assert list(polygons.columns) == ["class_id", "class_name", "area_m2", "geometry"]
+    assert list(polygons.columns) == [
+        "class_id",
+        "class_name",
+        "area_m2",
+        "perimeter_m",
+        "confidence_mean",
+        "scene_id",
+        "model_name",
+        "weights_sha256",
+        "geometry",
+    ]
+    assert set(polygons.weights_sha256) == {
+        json.loads((out / "run.json").read_text())["model"]["weights_sha256"]
+    }
     names = {c.id: c.name for c in card.classes}
     assert (polygons.class_name == polygons.class_id.map(names)).all()
     for c in card.classes:

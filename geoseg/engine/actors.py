@@ -19,8 +19,12 @@ import ray
 import torch
 from numpy.typing import NDArray
 
+from geoseg.crf import CRFParams, crf_refine
+from geoseg.io.cog import mask_dtype
 from geoseg.io.rasters import SceneInfo, read_tile
 from geoseg.models.store import load_model, normalize
+from geoseg.tiling.bands import Band
+from geoseg.tiling.blend import classes_and_confidence
 from geoseg.tiling.grid import Tile
 
 log = logging.getLogger(__name__)
@@ -95,3 +99,38 @@ class SegmentationWorker:
             "tiles_skipped": float((~has_data).sum()),
         }
         return out, valid, stats
+
+    @torch.inference_mode()
+    def refine(
+        self,
+        scene: SceneInfo,
+        band: Band,
+        feature_indexes: list[int],
+        params: CRFParams,
+        backend: str,
+    ) -> tuple[NDArray[np.integer], NDArray[np.uint8], float]:
+        """CRF-refine a band of blended probabilities; class ids and confidence of its core rows.
+
+        The appearance features are the band's pixels read again from the scene and normalised
+        as for the model, so the CRF sees what the model saw.
+        """
+        start = time.perf_counter()
+        rows = band.probs.shape[1]
+        data, _ = read_tile(scene, band.context_row_off, 0, rows, scene.width)
+        features = normalize(torch.from_numpy(data.astype(np.float32))[None], self.card)[0]
+        features = features[feature_indexes]
+        if backend == "dense":
+            from geoseg.crf_dense import dense_crf_refine
+
+            if len(feature_indexes) != 3:
+                raise ValueError("the dense CRF backend needs exactly 3 feature bands")
+            image = np.clip(features.permute(1, 2, 0).numpy() * 255, 0, 255).astype(np.uint8)
+            refined = dense_crf_refine(band.probs, image, band.valid, params)
+        else:
+            probs = torch.from_numpy(np.array(band.probs)).to(self.device)
+            valid = torch.from_numpy(np.array(band.valid)).to(self.device)
+            refined = crf_refine(probs, features.to(self.device), valid, params).cpu().numpy()
+        core = slice(band.halo_top, band.halo_top + band.rows)
+        dtype, nodata = mask_dtype(self.card.num_classes)
+        ids, confidence = classes_and_confidence(refined[:, core], band.valid[core], nodata, dtype)
+        return ids, confidence, time.perf_counter() - start

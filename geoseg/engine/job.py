@@ -16,7 +16,13 @@ import torch
 
 from geoseg import __version__
 from geoseg.engine.runtime import start_ray
-from geoseg.engine.scene import SceneResult, SegmentOptions, WorkerPool, segment_scene
+from geoseg.engine.scene import (
+    SceneResult,
+    SegmentOptions,
+    WorkerPool,
+    resolve_crf,
+    segment_scene,
+)
 from geoseg.io.outputs import scene_output_name, write_json_atomic
 from geoseg.models.card import WEIGHTS_FILE, file_sha256, read_card
 
@@ -54,6 +60,7 @@ def segment(
     started = datetime.now(UTC)
     card = read_card(model_dir)
     weights_sha256 = file_sha256(model_dir / WEIGHTS_FILE)
+    crf = resolve_crf(card, options)  # fails before any work on bad CRF options
     out_root.mkdir(parents=True, exist_ok=True)
     start_ray(address)
     pool = WorkerPool(model_dir, options)
@@ -75,6 +82,7 @@ def segment(
         },
         "workers": pool.info,
         "parameters": asdict(options),
+        "crf": None if crf is None else {**asdict(crf), "halo": crf.halo},
         "scenes": [],
     }
     results = []

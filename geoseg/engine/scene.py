@@ -20,18 +20,26 @@ import ray
 from numpy.typing import NDArray
 from tqdm import tqdm
 
+from geoseg.crf import CRFParams
 from geoseg.engine.actors import SegmentationWorker, read_batch
 from geoseg.engine.runtime import cluster_cpus, cluster_gpus
 from geoseg.errors import ConfigError
 from geoseg.io.cog import ClassRasterWriter, mask_dtype
-from geoseg.io.outputs import SceneOutput, read_mask_strips, scene_output_name
+from geoseg.io.outputs import SceneOutput, scene_output_name
 from geoseg.io.rasters import SceneInfo, open_scene
-from geoseg.io.vectors import write_polygons
-from geoseg.measure import ground_areas_m2
+from geoseg.io.vectors import (
+    Provenance,
+    complete_classes,
+    read_strips,
+    write_polygons,
+    write_raster_style,
+)
+from geoseg.measure import Quantity
 from geoseg.models.card import ModelCard
-from geoseg.tiling.blend import Block, Stitcher
+from geoseg.tiling.bands import BandAssembler
+from geoseg.tiling.blend import Stitcher, classes_and_confidence
 from geoseg.tiling.grid import Tile, TileGrid
-from geoseg.vectorize import StripPolygonizer
+from geoseg.vectorize import CoverageOptions, vectorize_strips
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +64,18 @@ class SegmentOptions:
     overwrite: bool = False
     band_names: tuple[str, ...] | None = None
     progress: bool = True
+    # CRF (geoseg.crf): None follows the card's recommendation; crf_params override the card's
+    # parameters; "dense" is the fully connected reference (pydensecrf2), whole scene at once.
+    crf: bool | None = None
+    crf_params: dict[str, float] = field(default_factory=dict)
+    crf_backend: str = "local"
+    crf_band_rows: int = 256
+    # Polygons (see geoseg.vectorize.CoverageOptions): minimum mapping unit, hole filling and
+    # topology-preserving simplification, all off by default; output formats (io.vectors.FORMATS).
+    min_area: Quantity | None = None
+    fill_holes_below: Quantity | None = None
+    simplify: Quantity | None = None
+    vector_formats: tuple[str, ...] = ("gpkg",)
 
     def grid_for(self, card: ModelCard, height: int, width: int) -> TileGrid:
         return TileGrid(
@@ -114,10 +134,11 @@ class WorkerPool:
         self.info = ray.get([a.ready.remote() for a in self.actors])
         self._load = [0] * count
 
-    def submit(self, batch_ref: ray.ObjectRef[Any]) -> tuple[ray.ObjectRef[Any], int]:
+    def call(self, method: str, *args: Any) -> tuple[ray.ObjectRef[Any], int]:
+        """Call ``method`` on the least loaded actor; give its index back to :meth:`done`."""
         index = min(range(len(self.actors)), key=self._load.__getitem__)
         self._load[index] += 1
-        return self.actors[index].predict.remote(batch_ref), index
+        return getattr(self.actors[index], method).remote(*args), index
 
     def done(self, index: int) -> None:
         self._load[index] -= 1
@@ -127,24 +148,21 @@ class WorkerPool:
             ray.kill(actor)
 
 
-def blocks_to_classes(
-    block: Block, nodata: int, dtype: str
-) -> tuple[NDArray[np.integer], NDArray[np.uint8]]:
-    """Class ids (nodata where not valid) and confidence ``round(255 x max prob)`` of a block.
-
-    A running maximum over the class planes: the same first-maximum rule as ``argmax(axis=0)``,
-    about twice as fast on a (classes, rows, cols) array, and it yields the maximum for free.
-    """
-    probs = block.probs
-    best = probs[0].copy()
-    ids = np.zeros(best.shape, dtype=dtype)
-    for class_id in range(1, probs.shape[0]):
-        np.copyto(ids, class_id, where=probs[class_id] > best, casting="unsafe")
-        np.maximum(best, probs[class_id], out=best)
-    ids[~block.valid] = nodata
-    confidence = np.clip(np.rint(best * 255), 1, 255).astype(np.uint8)
-    confidence[~block.valid] = 0
-    return ids, confidence
+def resolve_crf(card: ModelCard, options: SegmentOptions) -> CRFParams | None:
+    """The CRF parameters in force (card's, overridden by the options), or None when off."""
+    enabled = card.crf.recommended if options.crf is None else options.crf
+    if not enabled:
+        return None
+    if options.crf_backend not in ("local", "dense"):
+        raise ConfigError(f"--crf-backend must be local or dense, got {options.crf_backend!r}")
+    merged = {**card.crf.params, **options.crf_params}
+    known = set(CRFParams.__dataclass_fields__)
+    unknown = sorted(set(merged) - known)
+    if unknown:
+        raise ConfigError(f"unknown CRF parameters {unknown}; known: {sorted(known)}")
+    integers = {"iterations", "window"}
+    values: dict[str, Any] = {k: int(v) if k in integers else float(v) for k, v in merged.items()}
+    return CRFParams(**values)
 
 
 def _chunks(tiles: list[Tile], size: int) -> list[list[Tile]]:
@@ -162,11 +180,33 @@ def _stitch_and_write(
 ) -> None:
     stitcher = Stitcher(grid, card.num_classes)
     dtype, nodata = mask_dtype(card.num_classes)
+    crf = resolve_crf(card, options)
+    bands: BandAssembler | None = None
+    if crf is not None:
+        # The dense reference has no window: it must see the whole scene in one band.
+        band_rows = scene.height if options.crf_backend == "dense" else options.crf_band_rows
+        bands = BandAssembler(scene.height, scene.width, card.num_classes, band_rows, crf.halo)
+    refining: dict[ray.ObjectRef[Any], tuple[int, int]] = {}  # CRF calls -> (row_off, actor)
+
+    def collect_refined(block_until_below: int) -> None:
+        """Write refined bands that are ready; wait while more than the bound are pending."""
+        while refining:
+            ready, _ = ray.wait(list(refining), num_returns=1, timeout=0)
+            if not ready and len(refining) <= block_until_below:
+                return
+            if not ready:
+                ready, _ = ray.wait(list(refining), num_returns=1)
+            row_off, actor = refining.pop(ready[0])
+            pool.done(actor)
+            ids, confidence, seconds = ray.get(ready[0])
+            timings["crf_s"] += seconds
+            writer.write(row_off, 0, ids, confidence)
+
     batches = _chunks(grid.tiles(), options.batch_size)
     in_flight_max = options.tiles_in_flight or 2 * len(pool.actors) + 1
     pending: dict[ray.ObjectRef[Any], tuple[list[Tile], int]] = {}
     empty: NDArray[np.float16] | None = None
-    timings = {"read_s": 0.0, "infer_s": 0.0, "stitch_s": 0.0, "wait_s": 0.0}
+    timings = {"read_s": 0.0, "infer_s": 0.0, "stitch_s": 0.0, "wait_s": 0.0, "crf_s": 0.0}
     progress = tqdm(
         total=len(grid),
         desc=result.name,
@@ -179,7 +219,7 @@ def _stitch_and_write(
         while next_batch < len(batches) or pending:
             while next_batch < len(batches) and len(pending) < in_flight_max:
                 tiles = batches[next_batch]
-                ref, actor = pool.submit(read_batch.remote(scene, tiles))
+                ref, actor = pool.call("predict", read_batch.remote(scene, tiles))
                 pending[ref] = (tiles, actor)
                 next_batch += 1
             t0 = time.perf_counter()
@@ -199,36 +239,62 @@ def _stitch_and_write(
                 else:
                     tile_probs = probs[i]
                 for block in stitcher.add(tile, tile_probs, valid[i]):
-                    ids, confidence = blocks_to_classes(block, nodata, dtype)
-                    writer.write(block.row_off, block.col_off, ids, confidence)
+                    if bands is None:
+                        ids, confidence = classes_and_confidence(
+                            block.probs, block.valid, nodata, dtype
+                        )
+                        writer.write(block.row_off, block.col_off, ids, confidence)
+                        continue
+                    for band in bands.add(block):
+                        assert crf is not None
+                        ref, actor = pool.call(
+                            "refine", scene, band, card.crf_feature_indexes(), crf,
+                            options.crf_backend,
+                        )  # fmt: skip
+                        refining[ref] = (band.row_off, actor)
+                        collect_refined(block_until_below=2)
             progress.update(len(tiles))
             timings["wait_s"] += t1 - t0
             timings["stitch_s"] += time.perf_counter() - t1
+        collect_refined(block_until_below=0)
     finally:
         progress.close()
-        for ref in pending:
+        for ref in [*pending, *refining]:
             ray.cancel(ref)
     result.timings_s.update(timings)
 
 
-def _polygonize(out_dir: Path, scene: SceneInfo, card: ModelCard, nodata: int) -> int:
-    polygonizer = StripPolygonizer(scene.transform, scene.width, scene.height, nodata)
-    regions = []
-    for row_off, strip in read_mask_strips(out_dir / "mask.tif", POLYGON_STRIP_ROWS):
-        regions.extend(polygonizer.add_strip(row_off, strip))
-    regions.extend(polygonizer.finish())
-    # Sorted top-left first so feature order is stable across runs and strip sizes.
-    regions.sort(key=lambda r: (-r.geometry.bounds[3], r.geometry.bounds[0], r.class_id))
-    geometries = [r.geometry for r in regions]
-    write_polygons(
-        out_dir / "polygons.gpkg",
-        [r.class_id for r in regions],
-        geometries,
-        ground_areas_m2(geometries, scene.crs_wkt).tolist(),
-        card.classes,
+def _polygonize(
+    out_dir: Path,
+    scene: SceneInfo,
+    card: ModelCard,
+    nodata: int,
+    options: SegmentOptions | None = None,
+    weights_sha256: str | None = None,
+    scene_id: str | None = None,
+) -> int:
+    """Polygons of the finished mask (strip by strip) in every format, plus ``mask.qml``."""
+    options = options or SegmentOptions()
+    confidence = out_dir / "confidence.tif"
+    confidence_path = confidence if confidence.exists() else None
+    layer = vectorize_strips(
+        read_strips(out_dir / "mask.tif", confidence_path, POLYGON_STRIP_ROWS),
+        scene.transform,
+        scene.width,
+        scene.height,
+        nodata,
         scene.crs_wkt,
+        CoverageOptions(options.min_area, options.fill_holes_below, options.simplify),
+        with_confidence=confidence_path is not None,
     )
-    return len(regions)
+    provenance = Provenance(
+        scene_id=scene_id or scene_output_name(scene.uri),
+        model_name=card.name,
+        weights_sha256=weights_sha256,
+    )
+    classes = complete_classes(card.classes, layer.class_ids.tolist())
+    write_polygons(out_dir, layer, classes, scene.crs_wkt, provenance, options.vector_formats)
+    return len(layer)
 
 
 def segment_scene(
@@ -255,6 +321,8 @@ def segment_scene(
         _stitch_and_write(scene, card, grid, pool, writer, options, result)
         t0 = time.perf_counter()
         writer.finish()
+        # QGIS applies mask.qml to mask.tif: class names as legend labels, the card's colours.
+        write_raster_style(output.tmp / "mask.tif", card.classes)
         result.timings_s["cog_s"] = time.perf_counter() - t0
         result.class_pixels = {
             c.name: int(n) for c, n in zip(card.classes, writer.class_pixels, strict=True)
@@ -262,7 +330,15 @@ def segment_scene(
         writer = None
         if options.polygons:
             t0 = time.perf_counter()
-            result.polygons = _polygonize(output.tmp, scene, card, mask_dtype(card.num_classes)[1])
+            result.polygons = _polygonize(
+                output.tmp,
+                scene,
+                card,
+                mask_dtype(card.num_classes)[1],
+                options,
+                pool.info[0].get("weights_sha256") if pool.info else None,
+                result.name,
+            )
             result.timings_s["polygons_s"] = time.perf_counter() - t0
         output.commit()
         output = None

@@ -11,10 +11,19 @@ from __future__ import annotations
 import hashlib
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializerFunctionWrapHandler,
+    ValidationError,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
 
 from geoseg.errors import ModelCardError
 
@@ -61,15 +70,39 @@ class ClassInfo(BaseModel):
         return value
 
 
+# Published normalisations a card can name instead of giving affine parameters, with the number of
+# bands each is defined for; geoseg.models.store.normalize applies them.
+NAMED_NORMALIZATIONS: dict[str, int] = {"dynamicworld": 9}
+
+
 class Normalization(BaseModel):
-    """Per-band affine scaling, each list of length 1 (all bands) or one value per band."""
+    """Per-band affine scaling, each list of length 1 (all bands) or one value per band; or
+    ``named``: a published normalisation (``dynamicworld``: Brown et al. 2022), then exclusively."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
+    named: Literal["dynamicworld"] | None = None
     scale: list[float] = [1.0]
     offset: list[float] = [0.0]
     mean: list[float] = [0.0]
     std: list[float] = [1.0]
+
+    @model_validator(mode="after")
+    def _check_named(self) -> Normalization:
+        if self.named is not None and self.model_fields_set - {"named"}:
+            raise ValueError(
+                f"normalization.named={self.named!r} excludes scale, offset, mean and std"
+            )
+        return self
+
+    @model_serializer(mode="wrap")
+    def _serialize(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        # Cards state one kind: {named: ...} alone, or the affine keys alone (as before ``named``).
+        data: dict[str, Any] = handler(self)
+        if self.named is not None:
+            return {"named": self.named}
+        data.pop("named", None)
+        return data
 
     @field_validator("std")
     @classmethod
@@ -79,7 +112,13 @@ class Normalization(BaseModel):
         return value
 
     def per_band(self, bands: int) -> dict[str, list[float]]:
-        """Each parameter broadcast to ``bands`` values."""
+        """Each parameter broadcast to ``bands`` values (identity ones for a named normalisation,
+        which is checked to be defined for ``bands`` bands)."""
+        if self.named is not None and bands != NAMED_NORMALIZATIONS[self.named]:
+            raise ModelCardError(
+                f"normalization.named={self.named!r} is defined for "
+                f"{NAMED_NORMALIZATIONS[self.named]} bands; the card has {bands}"
+            )
         out = {}
         for key in ("scale", "offset", "mean", "std"):
             values: list[float] = getattr(self, key)
@@ -90,6 +129,22 @@ class Normalization(BaseModel):
                 )
             out[key] = values * bands if len(values) == 1 else list(values)
         return out
+
+
+class CRFSettings(BaseModel):
+    """The card's CRF recommendation: whether to refine, with which bands and parameters.
+
+    ``feature_bands`` feed the CRF's appearance kernel after the card's normalisation (default:
+    the first three of the card's bands); ``params`` override :class:`geoseg.crf.CRFParams`
+    defaults (``iterations``, ``window``, ``spatial_sigma``, ``spatial_weight``,
+    ``bilateral_sigma_xy``, ``bilateral_sigma_feat``, ``bilateral_weight``).
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    recommended: bool = False
+    feature_bands: list[str] | None = None
+    params: dict[str, float] = {}
 
 
 class ModelCard(BaseModel):
@@ -107,6 +162,7 @@ class ModelCard(BaseModel):
     classes: list[ClassInfo] = Field(min_length=1)
     tile_size: int = Field(default=512, ge=1)
     overlap: int = Field(default=64, ge=0)
+    crf: CRFSettings = CRFSettings()
     description: str = ""
 
     @model_validator(mode="after")
@@ -118,7 +174,19 @@ class ModelCard(BaseModel):
         if len(set(canonical)) != len(canonical):
             raise ValueError(f"band names repeat: {self.bands}")
         self.normalization.per_band(len(self.bands))
+        unknown = [
+            b for b in self.crf.feature_bands or [] if canonical_band_name(b) not in canonical
+        ]
+        if unknown:
+            raise ValueError(f"crf.feature_bands {unknown} are not among the bands {self.bands}")
         return self
+
+    def crf_feature_indexes(self) -> list[int]:
+        """Positions, among the card's bands, of the bands feeding the CRF's appearance kernel."""
+        canonical = [canonical_band_name(b) for b in self.bands]
+        if self.crf.feature_bands is None:
+            return list(range(min(3, len(self.bands))))
+        return [canonical.index(canonical_band_name(b)) for b in self.crf.feature_bands]
 
     @property
     def num_classes(self) -> int:

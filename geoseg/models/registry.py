@@ -16,6 +16,7 @@ from torch import nn
 
 from geoseg.errors import ModelCardError
 from geoseg.models.deeplab import DeepLabV3
+from geoseg.models.dynamicworld import DynamicWorld
 from geoseg.models.fcn import FCN8s
 from geoseg.models.unet import UNet
 
@@ -23,6 +24,7 @@ ARCHITECTURES: dict[str, type[nn.Module]] = {
     "fcn": FCN8s,
     "unet": UNet,
     "deeplabv3": DeepLabV3,
+    "dynamicworld": DynamicWorld,
 }
 
 # Constructor parameters supplied by build_model itself, not by ``arch_args``.
@@ -81,7 +83,7 @@ def build_model(arch: str, in_channels: int, num_classes: int, **arch_args: Any)
     """Construct a freshly initialised segmentation model (in training mode).
 
     Args:
-        arch: ``"fcn"``, ``"unet"`` or ``"deeplabv3"``.
+        arch: ``"fcn"``, ``"unet"``, ``"deeplabv3"`` or ``"dynamicworld"``.
         in_channels: Number of input bands.
         num_classes: Number of output classes.
         **arch_args: Architecture-specific arguments (e.g. ``base_channels``, ``depth``,
@@ -112,10 +114,11 @@ def total_stride(arch: str, **arch_args: Any) -> int:
     """Factor that input height and width must be multiples of for exact alignment.
 
     It is the product of all strides applied to the input: 32 for ``"fcn"``, ``2**depth`` for
-    ``"unet"`` and ``output_stride`` for ``"deeplabv3"`` (dilation replaces the later strides).
+    ``"unet"``, ``output_stride`` for ``"deeplabv3"`` (dilation replaces the later strides) and 2
+    for ``"dynamicworld"`` (one resize to half size).
 
     Args:
-        arch: ``"fcn"``, ``"unet"`` or ``"deeplabv3"``.
+        arch: ``"fcn"``, ``"unet"``, ``"deeplabv3"`` or ``"dynamicworld"``.
         **arch_args: The same architecture arguments that :func:`build_model` takes.
 
     Returns:

@@ -21,6 +21,7 @@ from geoseg.models.card import (
     file_sha256,
     read_card,
 )
+from geoseg.models.dynamicworld import normalize_dynamicworld
 from geoseg.models.registry import build_model, total_stride
 
 # Per input dtype: scaling to about [0, 1] when the user gives none (uint16: reflectance x 10000).
@@ -110,6 +111,8 @@ def init_model(
 
 def normalize(x: torch.Tensor, card: ModelCard) -> torch.Tensor:
     """Raw pixel values ``(B, bands, H, W)`` to model input, per the card's normalisation."""
+    if card.normalization.named == "dynamicworld":
+        return normalize_dynamicworld(x)
     params = card.normalization.per_band(len(card.bands))
     shape = (1, len(card.bands), 1, 1)
 

@@ -165,3 +165,23 @@ class Stitcher:
                     assert cell.valid is not None
                     finished.append(Block(r0, c0, cell.probs, np.ascontiguousarray(cell.valid)))
         return finished
+
+
+def classes_and_confidence(
+    probs: NDArray[np.floating], valid: NDArray[np.bool_], nodata: int, dtype: str
+) -> tuple[NDArray[np.integer], NDArray[np.uint8]]:
+    """Class ids (``nodata`` where not valid) and confidence ``round(255 x max probability)``.
+
+    A running maximum over the class planes: the same first-maximum rule as ``argmax(axis=0)``,
+    about twice as fast on a ``(classes, rows, cols)`` array, and it yields the maximum for free.
+    Confidence is 0 (its nodata) where not valid, at least 1 elsewhere.
+    """
+    best = probs[0].astype(np.float32)
+    ids = np.zeros(best.shape, dtype=dtype)
+    for class_id in range(1, probs.shape[0]):
+        np.copyto(ids, class_id, where=probs[class_id] > best, casting="unsafe")
+        np.maximum(best, probs[class_id], out=best)
+    ids[~valid] = nodata
+    confidence = np.clip(np.rint(best * 255), 1, 255).astype(np.uint8)
+    confidence[~valid] = 0
+    return ids, confidence
