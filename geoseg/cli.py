@@ -428,6 +428,204 @@ def vectorize(
     log.info("%s: %d polygons -> %s", mask, count, ", ".join(str(f) for f in files))
 
 
+def _label_map(
+    ctx: click.Context, param: click.Parameter, value: str | None
+) -> dict[int, int] | None:
+    from geoseg.training import parse_label_map
+
+    try:
+        return parse_label_map(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from exc
+
+
+@main.command(context_settings={"allow_interspersed_args": True})
+@click.argument("more_images", nargs=-1, metavar="[IMAGE...]")
+@click.option(
+    "--images",
+    "images",
+    multiple=True,
+    required=True,
+    help="Training image(s); more may follow it: --images A.tif B.tif.",
+)
+@click.option(
+    "--labels",
+    "labels",
+    multiple=True,
+    required=True,
+    help="Class raster on the images' grid, or vector file with --label-field: one for all "
+    "images, or one per image (repeat --labels).",
+)
+@click.option(
+    "--arch", required=True, type=click.Choice(["fcn", "unet", "deeplabv3"]), help="Architecture."
+)
+@click.option(
+    "--classes",
+    required=True,
+    help="Class names in id order. Vector labels: the --label-field values, others unlabelled. "
+    "Raster labels: the names of ids 0..n-1 (after --label-map).",
+)
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="Model directory.")
+@click.option("--label-field", help="Class attribute of vector labels, e.g. Niveau_2.")
+@click.option(
+    "--label-map",
+    callback=_label_map,
+    metavar="V:ID,...",
+    help="Raster labels: value -> class id, e.g. 1:0,2:1,8:4; unlisted values are unlabelled.",
+)
+@click.option("--bands", help="Names of the images' bands in order, when they carry none.")
+@click.option("--steps", default=300, show_default=True, type=int)
+@click.option("--crop", default=128, show_default=True, type=int, help="Training crop edge, px.")
+@click.option("--batch-size", default=8, show_default=True, type=int)
+@click.option("--lr", default=3e-3, show_default=True, type=float)
+@click.option(
+    "--val-fraction",
+    default=0.2,
+    show_default=True,
+    type=float,
+    help="Share of the labelled blocks held out for validation.",
+)
+@click.option("--block", default=64, show_default=True, type=int, help="Split block edge, px.")
+@click.option("--margin", type=int, help="Training labels dropped around val blocks, px [crop/2].")
+@click.option(
+    "--arch-arg",
+    "arch_arg",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="Architecture argument, e.g. base_channels=16 (repeatable).",
+)
+@click.option(
+    "--class-weights",
+    default="balanced",
+    show_default=True,
+    type=click.Choice(["balanced", "none"]),
+    help="Loss weight per class: balanced = 1/sqrt(share of training pixels).",
+)
+@click.option("--tile-size", default=512, show_default=True, type=int, help="Card's tile size.")
+@click.option("--overlap", default=64, show_default=True, type=int, help="Card's tile overlap.")
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option(
+    "--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"])
+)
+@click.option("--overwrite", is_flag=True, help="Replace an existing model directory.")
+def train(
+    more_images: tuple[str, ...],
+    images: tuple[str, ...],
+    labels: tuple[str, ...],
+    arch: str,
+    classes: str,
+    out: Path,
+    label_field: str | None,
+    label_map: dict[int, int] | None,
+    bands: str | None,
+    steps: int,
+    crop: int,
+    batch_size: int,
+    lr: float,
+    val_fraction: float,
+    block: int,
+    margin: int | None,
+    arch_arg: tuple[str, ...],
+    class_weights: str,
+    tile_size: int,
+    overlap: int,
+    seed: int,
+    device: str,
+    overwrite: bool,
+) -> None:
+    """Train a model on images and labels with a spatial-block validation split; write a model
+    directory for `geoseg segment` with train_log.json, metrics.json and split.json."""
+    from geoseg.training import TrainConfig
+    from geoseg.training import train as run_train
+
+    config = TrainConfig(
+        images=[*images, *more_images],
+        labels=list(labels),
+        arch=arch,
+        classes=_csv(classes) or [],
+        out=out,
+        label_field=label_field,
+        label_map=label_map,
+        bands=_csv(bands),
+        steps=steps,
+        crop=crop,
+        batch_size=batch_size,
+        lr=lr,
+        val_fraction=val_fraction,
+        block=block,
+        margin=margin,
+        arch_args=_arch_args(arch_arg),
+        class_weights=class_weights,
+        tile_size=tile_size,
+        overlap=overlap,
+        seed=seed,
+        device=device,
+        overwrite=overwrite,
+    )
+    result = run_train(config)
+    val = result.metrics["validation"]
+    base = result.metrics["majority_baseline"]
+    if val is not None and base is not None:
+        click.echo(
+            f"{out}: validation mIoU {val['miou']:.3f}, OA {val['overall_accuracy']:.3f}, "
+            f"boundary F1 {val['boundary_f1']:.3f} (majority class {base['class']}: "
+            f"mIoU {base['miou']:.3f}); {result.train_seconds:.1f} s training"
+        )
+    else:
+        click.echo(f"{out}: trained in {result.train_seconds:.1f} s (no validation pixels)")
+
+
+@main.command()
+@click.option(
+    "--pred",
+    required=True,
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="Predicted class raster (e.g. geoseg's mask.tif).",
+)
+@click.option("--labels", required=True, help="Class raster or vector file (with --label-field).")
+@click.option("--label-field", help="Class attribute of vector labels.")
+@click.option(
+    "--classes",
+    help="Class names in id order, for masks without a CLASS_NAMES tag (geoseg's have one); "
+    "vector label values map to the ids of the same names.",
+)
+@click.option(
+    "--label-map",
+    callback=_label_map,
+    metavar="V:ID,...",
+    help="Raster labels: value -> class id; unlisted values are unlabelled.",
+)
+@click.option("--boundary-tolerance", default=2, show_default=True, type=int, help="Pixels.")
+@click.option(
+    "--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), help="Write scores."
+)
+def evaluate(
+    pred: Path,
+    labels: str,
+    label_field: str | None,
+    classes: str | None,
+    label_map: dict[int, int] | None,
+    boundary_tolerance: int,
+    json_path: Path | None,
+) -> None:
+    """Score a predicted class raster against labels: confusion matrix, per-class IoU, mIoU,
+    overall accuracy, boundary F1. Prediction nodata and unlabelled pixels are left out."""
+    from geoseg.evaluate import evaluate_mask, format_table
+    from geoseg.io.outputs import write_json_atomic
+
+    result = evaluate_mask(
+        pred,
+        labels,
+        classes=_csv(classes),
+        label_field=label_field,
+        label_map=label_map,
+        boundary_tolerance=boundary_tolerance,
+    )
+    click.echo(format_table(result))
+    if json_path is not None:
+        write_json_atomic(json_path, result)
+
+
 def run() -> None:
     """Entry point: geoseg errors become one clear line and exit code 2."""
     try:

@@ -14,7 +14,10 @@ distance ``t`` of ``B``::
 
 from __future__ import annotations
 
+import math
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from numpy.typing import NDArray
@@ -78,16 +81,15 @@ def _dilate(mask: NDArray[np.bool_], radius: int) -> NDArray[np.bool_]:
     return out
 
 
-def score(
+def _counts(
     prediction: NDArray[np.integer],
     labels: NDArray[np.integer],
     num_classes: int,
-    *,
-    ignore: int | None = None,
-    nodata: int | None = None,
-    boundary_tolerance: int = 2,
-) -> Scores:
-    """Score a class map against labels of the same shape (class ids ``0..num_classes-1``)."""
+    ignore: int | None,
+    nodata: int | None,
+    boundary_tolerance: int,
+) -> tuple[NDArray[np.int64], tuple[int, int, int, int]]:
+    """Confusion matrix and boundary counts (pred hits, pred edges, label hits, label edges)."""
     if prediction.shape != labels.shape:
         raise ValueError(f"prediction {prediction.shape} and labels {labels.shape} differ in shape")
     valid = np.ones(labels.shape, dtype=bool)
@@ -103,7 +105,95 @@ def score(
     label_edges = _boundaries(labels, valid)
     near_label = _dilate(label_edges, boundary_tolerance)
     near_pred = _dilate(pred_edges, boundary_tolerance)
-    n_pred, n_label = int(pred_edges.sum()), int(label_edges.sum())
-    precision = float((pred_edges & near_label).sum() / n_pred) if n_pred else 1.0
-    recall = float((label_edges & near_pred).sum() / n_label) if n_label else 1.0
+    counts = (
+        int((pred_edges & near_label).sum()),
+        int(pred_edges.sum()),
+        int((label_edges & near_pred).sum()),
+        int(label_edges.sum()),
+    )
+    return confusion, counts
+
+
+def score(
+    prediction: NDArray[np.integer],
+    labels: NDArray[np.integer],
+    num_classes: int,
+    *,
+    ignore: int | None = None,
+    nodata: int | None = None,
+    boundary_tolerance: int = 2,
+) -> Scores:
+    """Score a class map against labels of the same shape (class ids ``0..num_classes-1``)."""
+    return score_many(
+        [(prediction, labels)],
+        num_classes,
+        ignore=ignore,
+        nodata=nodata,
+        boundary_tolerance=boundary_tolerance,
+    )
+
+
+def score_many(
+    pairs: Iterable[tuple[NDArray[np.integer], NDArray[np.integer]]],
+    num_classes: int,
+    *,
+    ignore: int | None = None,
+    nodata: int | None = None,
+    boundary_tolerance: int = 2,
+) -> Scores:
+    """Score several ``(prediction, labels)`` maps as one: confusion matrices and boundary pixel
+    counts are summed (so a large map weighs more), boundaries never cross from map to map."""
+    confusion = np.zeros((num_classes, num_classes), dtype=np.int64)
+    totals = np.zeros(4, dtype=np.int64)
+    for prediction, labels in pairs:
+        c, counts = _counts(prediction, labels, num_classes, ignore, nodata, boundary_tolerance)
+        confusion += c
+        totals += counts
+    hit_pred, n_pred, hit_label, n_label = (int(v) for v in totals)
+    precision = hit_pred / n_pred if n_pred else 1.0
+    recall = hit_label / n_label if n_label else 1.0
     return Scores(confusion, precision, recall)
+
+
+def majority_baseline(
+    labels: Iterable[NDArray[np.integer]],
+    majority: int,
+    num_classes: int,
+    *,
+    ignore: int | None = None,
+    boundary_tolerance: int = 2,
+) -> Scores:
+    """Scores of predicting class ``majority`` everywhere (the floor a trained model must beat)."""
+    return score_many(
+        ((np.full(y.shape, majority, dtype=np.int64), y) for y in labels),
+        num_classes,
+        ignore=ignore,
+        boundary_tolerance=boundary_tolerance,
+    )
+
+
+def scores_dict(scores: Scores, class_names: Sequence[str]) -> dict[str, Any]:
+    """JSON-ready scores: confusion matrix (rows = labels), per-class IoU and pixel counts
+    (NaN IoU -> null), mIoU, overall accuracy, boundary precision, recall and F1."""
+
+    def num(value: float) -> float | None:
+        return None if math.isnan(value) else float(value)
+
+    iou = scores.iou
+    return {
+        "classes": list(class_names),
+        "confusion": scores.confusion.tolist(),
+        "iou": {name: num(float(iou[i])) for i, name in enumerate(class_names)},
+        "label_pixels": {
+            n: int(v) for n, v in zip(class_names, scores.confusion.sum(1), strict=True)
+        },
+        "pred_pixels": {
+            n: int(v) for n, v in zip(class_names, scores.confusion.sum(0), strict=True)
+        },
+        "miou": num(scores.miou) if not np.all(np.isnan(iou)) else None,
+        "overall_accuracy": num(scores.overall_accuracy),
+        "boundary_precision": scores.boundary_precision,
+        "boundary_recall": scores.boundary_recall,
+        "boundary_f1": scores.boundary_f1,
+        "pixels": int(scores.confusion.sum()),
+    }

@@ -55,7 +55,12 @@ def test_cli_bad_inputs_fail_alone(
         assert f"FAILED {fixtures[name]}" in proc.stderr
     assert run["summary"] == {"ok": 1, "failed": 7}
     # Only committed outputs: the good scene's folder and run.json, no partial folders.
-    assert sorted(p.name for p in out.iterdir()) == ["good", "run.json"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "good",
+        "mask_epsg32633.vrt",
+        "polygons.parquet",
+        "run.json",
+    ]
     assert sorted(p.name for p in (out / "good").iterdir()) == [
         "confidence.tif", "mask.qml", "mask.tif", "mask.tif.aux.xml", "polygons.gpkg",
     ]  # fmt: skip
@@ -74,7 +79,12 @@ def test_existing_outputs_need_overwrite(
     assert (out / "good" / "mask.tif").stat().st_mtime_ns == before
     assert _geoseg(*args, "--overwrite").returncode == 0
     assert (out / "good" / "mask.tif").stat().st_mtime_ns != before
-    assert sorted(p.name for p in out.iterdir()) == ["good", "run.json"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "good",
+        "mask_epsg32633.vrt",
+        "polygons.parquet",
+        "run.json",
+    ]
 
 
 def test_odd_shapes_and_all_nodata(

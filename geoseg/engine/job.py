@@ -23,6 +23,7 @@ from geoseg.engine.scene import (
     resolve_crf,
     segment_scene,
 )
+from geoseg.io.job_outputs import write_job_outputs
 from geoseg.io.outputs import scene_output_name, write_json_atomic
 from geoseg.models.card import WEIGHTS_FILE, file_sha256, read_card
 
@@ -47,6 +48,23 @@ def _names(uris: list[str]) -> list[str | None]:
             seen[name] = uri
             names.append(name)
     return names
+
+
+def _job_outputs(out_root: Path, names: list[str | None]) -> dict[str, Any]:
+    """Job-level polygon dataset and mask VRTs (geoseg.io.job_outputs); a failure is recorded."""
+    t0 = time.perf_counter()
+    try:
+        outputs = write_job_outputs(out_root, [n for n in names if n is not None])
+    except Exception as exc:
+        log.error("job-level outputs failed: %s", exc)
+        log.debug("traceback", exc_info=True)
+        return {"error": str(exc), "error_type": type(exc).__name__}
+    log.info(
+        "job outputs: %s; %d features merged across scene borders",
+        ", ".join(outputs.polygons + outputs.vrts) or "none",
+        outputs.merged_features,
+    )
+    return {**outputs.to_json(), "seconds": time.perf_counter() - t0}
 
 
 def segment(
@@ -117,6 +135,7 @@ def segment(
             write_json_atomic(out_root / RUN_FILE, run)
     finally:
         pool.shutdown()
+    run["job_outputs"] = _job_outputs(out_root, [r.name for r in results if r.status == "ok"])
     run["finished"] = datetime.now(UTC).isoformat()
     run["summary"] = {
         "ok": sum(r.status == "ok" for r in results),

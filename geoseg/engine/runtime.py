@@ -9,6 +9,12 @@ import ray
 
 log = logging.getLogger(__name__)
 
+# Object store of the embedded Ray. Its default (30% of RAM) is not a bound on what geoseg holds
+# but on how far Ray's shared memory grows: freed objects' pages stay resident, so with the
+# default the driver's RSS climbed with the scene size (9 GiB on a 40k x 40k scene). Tiles in
+# flight need tens of MiB; beyond the cap Ray spills to disk instead of failing.
+OBJECT_STORE_BYTES = 1 << 30
+
 
 def start_ray(address: str | None, num_cpus: int | None = None) -> None:
     """Join the cluster at ``address``, or start an embedded local Ray (idempotent)."""
@@ -20,6 +26,7 @@ def start_ray(address: str | None, num_cpus: int | None = None) -> None:
     else:
         ray.init(
             num_cpus=num_cpus or os.cpu_count() or 1,
+            object_store_memory=OBJECT_STORE_BYTES,
             include_dashboard=False,
             log_to_driver=not quiet,
             configure_logging=True,

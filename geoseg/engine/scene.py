@@ -32,7 +32,6 @@ from geoseg.io.vectors import (
     complete_classes,
     read_strips,
     write_polygons,
-    write_raster_style,
 )
 from geoseg.measure import Quantity
 from geoseg.models.card import ModelCard
@@ -321,8 +320,6 @@ def segment_scene(
         _stitch_and_write(scene, card, grid, pool, writer, options, result)
         t0 = time.perf_counter()
         writer.finish()
-        # QGIS applies mask.qml to mask.tif: class names as legend labels, the card's colours.
-        write_raster_style(output.tmp / "mask.tif", card.classes)
         result.timings_s["cog_s"] = time.perf_counter() - t0
         result.class_pixels = {
             c.name: int(n) for c, n in zip(card.classes, writer.class_pixels, strict=True)

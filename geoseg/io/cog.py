@@ -4,7 +4,8 @@ The stitcher hands over finished rows; they are gathered into full block rows (`
 whole width) so that every compressed block of the intermediate GeoTIFF is written exactly once.
 GDAL's COG driver then copies it with internal overviews (MODE resampling for class ids, AVERAGE
 for confidence), keeping the palette. Class names go into the dataset metadata and into a PAM
-sidecar (``mask.tif.aux.xml``) as category names, which ``gdalinfo`` and QGIS read.
+sidecar (``mask.tif.aux.xml``) as category names, which ``gdalinfo`` and QGIS read, and a QGIS
+style (``mask.qml``) makes QGIS show the class names and colours.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from rasterio.crs import CRS
 
 from geoseg.io.rasters import SceneInfo
 from geoseg.models.card import ClassInfo
+from geoseg.styles import paletted_raster_qml
 
 BLOCK = 512
 CONFIDENCE_NODATA = 0  # 255 x max probability is never 0: at least 255 / classes
@@ -170,6 +172,8 @@ class ClassRasterWriter:
                     "AVERAGE",
                 )
         (self.out_dir / "mask.tif.aux.xml").write_text(_category_sidecar(self.classes))
+        # QGIS applies mask.qml to mask.tif: class names as legend labels, the card's colours.
+        (self.out_dir / "mask.qml").write_text(paletted_raster_qml(self.classes), encoding="utf-8")
 
 
 def _to_cog(src: Path, dst: Path, resampling: str) -> None:

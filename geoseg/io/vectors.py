@@ -45,7 +45,7 @@ from numpy.typing import NDArray
 
 from geoseg.errors import InputError, OutputExistsError, RasterReadError
 from geoseg.models.card import DEFAULT_COLORS, ClassInfo
-from geoseg.styles import categorized_polygons_qml, paletted_raster_qml
+from geoseg.styles import categorized_polygons_qml
 from geoseg.vectorize import CoverageOptions, PolygonLayer, vectorize_strips
 
 log = logging.getLogger(__name__)
@@ -210,13 +210,6 @@ def _write_gpkg(path: Path, frame: gpd.GeoDataFrame, qml: str) -> None:
         }
     )
     pyogrio.write_dataframe(styles, path, layer="layer_styles", driver="GPKG")
-
-
-def write_raster_style(mask_path: Path, classes: Sequence[ClassInfo]) -> Path:
-    """Writes ``<mask basename>.qml`` (paletted renderer, class names as labels) beside a mask."""
-    path = mask_path.with_suffix(".qml")
-    path.write_text(paletted_raster_qml(classes), encoding="utf-8")
-    return path
 
 
 # ------------------------------------------------------------------------------ class rasters in
