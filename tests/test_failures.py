@@ -108,4 +108,4 @@ def test_odd_shapes_and_all_nodata(
         assert np.all(mask.read(1) == 255)
     import geopandas as gpd
 
-    assert len(gpd.read_file(tmp_path / "all_nodata" / "polygons.gpkg")) == 0
+    assert len(gpd.read_file(tmp_path / "all_nodata" / "polygons.gpkg", layer="polygons")) == 0
