@@ -14,22 +14,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from geoseg.errors import ModelCardError
+from geoseg.models.common import check_int, init_weights
 
 ARCH_NAME = "deeplabv3"
 OUTPUT_STRIDES = (8, 16)
 # ASPP rates of the paper at output stride 16; they are doubled at output stride 8 so that the
 # atrous branches keep covering the same image extent.
 BASE_ATROUS_RATES = (6, 12, 18)
-
-
-def _check_int(name: str, value: object, minimum: int) -> int:
-    """Return ``value`` if it is an int >= ``minimum``, else raise :class:`ModelCardError`."""
-    # bool is an int subclass; ``base_channels=True`` is always a config mistake.
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ModelCardError(
-            f"{ARCH_NAME}: invalid {name}={value!r}; accepted: an integer >= {minimum}"
-        )
-    return value
 
 
 def _check_int_list(name: str, value: object, length: int | None) -> list[int]:
@@ -289,10 +280,10 @@ class DeepLabV3(nn.Module):
         dropout: float = 0.1,
     ) -> None:
         super().__init__()
-        _check_int("in_channels", in_channels, 1)
-        _check_int("num_classes", num_classes, 1)
-        _check_int("base_channels", base_channels, 1)
-        _check_int("aspp_channels", aspp_channels, 1)
+        check_int(ARCH_NAME, "in_channels", in_channels, 1)
+        check_int(ARCH_NAME, "num_classes", num_classes, 1)
+        check_int(ARCH_NAME, "base_channels", base_channels, 1)
+        check_int(ARCH_NAME, "aspp_channels", aspp_channels, 1)
         layer_list = _check_int_list("layers", layers, 4)
         if (
             isinstance(output_stride, bool)
@@ -329,17 +320,7 @@ class DeepLabV3(nn.Module):
         self._init_weights()
 
     def _init_weights(self) -> None:
-        """He init for convs, identity BatchNorm, small classifier."""
-        for module in self.modules():
-            if isinstance(module, nn.Conv2d):
-                nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
-                if module.bias is not None:
-                    nn.init.zeros_(module.bias)
-            elif isinstance(module, nn.BatchNorm2d):
-                nn.init.ones_(module.weight)
-                nn.init.zeros_(module.bias)
-        # A small classifier starts training near the uniform prediction (loss ~ log C).
-        nn.init.normal_(self.classifier.weight, std=0.01)
+        init_weights(self, self.classifier)
 
     def forward(self, x: Tensor) -> Tensor:
         """Compute per-pixel class logits.

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from geoseg.errors import ModelCardError
+from geoseg.models.common import check_int, init_weights
 
 ARCH_NAME = "fcn"
 
@@ -17,16 +18,6 @@ ARCH_NAME = "fcn"
 # two per stage keeps the default model under 5M parameters while preserving the stride layout.
 _STAGE_MULTIPLIERS = (1, 2, 4, 8, 8)
 _CONVS_PER_STAGE = 2
-
-
-def _check_int(name: str, value: object, minimum: int) -> int:
-    """Return ``value`` if it is an int >= ``minimum``, else raise :class:`ModelCardError`."""
-    # bool is an int subclass; ``True`` channels are always a config mistake.
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ModelCardError(
-            f"{ARCH_NAME}: invalid {name}={value!r}; accepted: an integer >= {minimum}"
-        )
-    return value
 
 
 def _conv_bn_relu(in_channels: int, out_channels: int, kernel_size: int = 3) -> nn.Sequential:
@@ -85,9 +76,9 @@ class FCN8s(nn.Module):
         dropout: float = 0.1,
     ) -> None:
         super().__init__()
-        _check_int("in_channels", in_channels, 1)
-        _check_int("num_classes", num_classes, 1)
-        _check_int("base_channels", base_channels, 1)
+        check_int(ARCH_NAME, "in_channels", in_channels, 1)
+        check_int(ARCH_NAME, "num_classes", num_classes, 1)
+        check_int(ARCH_NAME, "base_channels", base_channels, 1)
         if (
             isinstance(dropout, bool)
             or not isinstance(dropout, (int, float))
@@ -123,17 +114,8 @@ class FCN8s(nn.Module):
         self._init_weights()
 
     def _init_weights(self) -> None:
-        """He init for convs; zero skip scores so training starts as FCN-32s (as in the paper)."""
-        for module in self.modules():
-            if isinstance(module, nn.Conv2d):
-                nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
-                if module.bias is not None:
-                    nn.init.zeros_(module.bias)
-            elif isinstance(module, nn.BatchNorm2d):
-                nn.init.ones_(module.weight)
-                nn.init.zeros_(module.bias)
-        # Small final scores start training near the uniform prediction (loss ~ log C).
-        nn.init.normal_(self.score_pool5.weight, std=0.01)
+        """Common init; zero skip scores so training starts as FCN-32s (as in the paper)."""
+        init_weights(self, self.score_pool5)
         for skip in (self.score_pool4, self.score_pool3):
             nn.init.zeros_(skip.weight)  # biases are already zero
 

@@ -12,19 +12,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from geoseg.errors import ModelCardError
+from geoseg.models.common import check_int, init_weights
 
 ARCH_NAME = "unet"
 UPSAMPLING_MODES = ("bilinear", "transpose")
-
-
-def _check_int(name: str, value: object, minimum: int) -> int:
-    """Return ``value`` if it is an int >= ``minimum``, else raise :class:`ModelCardError`."""
-    # bool is an int subclass; ``depth=True`` is always a config mistake.
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ModelCardError(
-            f"{ARCH_NAME}: invalid {name}={value!r}; accepted: an integer >= {minimum}"
-        )
-    return value
 
 
 class DoubleConv(nn.Sequential):
@@ -128,10 +119,10 @@ class UNet(nn.Module):
         upsampling: str = "bilinear",
     ) -> None:
         super().__init__()
-        _check_int("in_channels", in_channels, 1)
-        _check_int("num_classes", num_classes, 1)
-        _check_int("base_channels", base_channels, 1)
-        _check_int("depth", depth, 1)
+        check_int(ARCH_NAME, "in_channels", in_channels, 1)
+        check_int(ARCH_NAME, "num_classes", num_classes, 1)
+        check_int(ARCH_NAME, "base_channels", base_channels, 1)
+        check_int(ARCH_NAME, "depth", depth, 1)
         if upsampling not in UPSAMPLING_MODES:
             raise ModelCardError(
                 f"{ARCH_NAME}: invalid upsampling={upsampling!r}; "
@@ -164,17 +155,7 @@ class UNet(nn.Module):
         self._init_weights()
 
     def _init_weights(self) -> None:
-        """He init for (transposed) convs, identity BatchNorm, small classifier."""
-        for module in self.modules():
-            if isinstance(module, (nn.Conv2d, nn.ConvTranspose2d)):
-                nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
-                if module.bias is not None:
-                    nn.init.zeros_(module.bias)
-            elif isinstance(module, nn.BatchNorm2d):
-                nn.init.ones_(module.weight)
-                nn.init.zeros_(module.bias)
-        # A small classifier starts training near the uniform prediction (loss ~ log C).
-        nn.init.normal_(self.classifier.weight, std=0.01)
+        init_weights(self, self.classifier)
 
     def forward(self, x: Tensor) -> Tensor:
         """Compute per-pixel class logits.
