@@ -110,3 +110,15 @@ def test_pending_memory_does_not_grow_with_scene_height() -> None:
         return peak
 
     assert peak_pending(640) == peak_pending(6400)
+
+
+def test_weight_cache_does_not_grow_with_the_scene() -> None:
+    """Weights are cached per kind of tile (neighbours, clipping), never per tile position."""
+    grid = TileGrid(3000, 3000, 128, 32, 16)
+    stitcher = Stitcher(grid, 1)
+    ones = np.ones((1, 128, 128), np.float32)
+    valid = np.ones((128, 128), bool)
+    for tile in grid.tiles():
+        stitcher.add(tile, ones, valid)
+    assert len(grid) == 32 * 32
+    assert stitcher.cached_weights <= 9

@@ -111,14 +111,21 @@ class Stitcher:
         self._weights: dict[tuple[bool | int, ...], NDArray[np.float32]] = {}
 
     @property
+    def cached_weights(self) -> int:
+        """Distinct weight arrays held (at most 3 x 3 kinds of tile x their clippings)."""
+        return len(self._weights)
+
+    @property
     def pending_cells(self) -> int:
         """Cells that have received some but not all of their tiles (for memory tests)."""
         return len(self._cells)
 
     def _weights_for(self, tile: Tile) -> NDArray[np.float32]:
-        # Only the neighbour flags and the clipping change the weights: cache by those.
-        clipped = tile.clipped(self.grid.height, self.grid.width)
-        key = (*_taper_flags(tile, self.grid), *clipped)
+        # Only the neighbour flags and the clipping change the weights: cache by those (never by
+        # the tile's position, or the cache would grow with the scene: one array per tile).
+        row_off, col_off, rows, cols = tile.clipped(self.grid.height, self.grid.width)
+        clipping = (row_off - tile.row_off, col_off - tile.col_off, rows, cols)
+        key = (*_taper_flags(tile, self.grid), *clipping)
         weights = self._weights.get(key)
         if weights is None:
             weights = tile_weights(self.grid, tile)
