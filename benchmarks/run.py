@@ -99,7 +99,7 @@ class Config:
     def from_args(cls, args: argparse.Namespace) -> Config:
         quick = bool(args.quick)
         return cls(
-            out=Path(args.out),
+            out=Path(args.out or ("benchmarks/out/quick" if quick else "benchmarks/out")),
             quick=quick,
             precision=args.precision,
             e2e_size=4000 if quick else 10_000,
@@ -769,7 +769,11 @@ def main(argv: list[str] | None = None) -> None:
         prog="python -m benchmarks.run", description=__doc__.splitlines()[0]
     )
     parser.add_argument("--quick", action="store_true", help="Reduced run to check the harness.")
-    parser.add_argument("--out", default="benchmarks/out", help="Output folder [%(default)s].")
+    parser.add_argument(
+        "--out",
+        help="Output folder [benchmarks/out; --quick: benchmarks/out/quick, so that a quick run "
+        "never overwrites a full run's results].",
+    )
     parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
     parser.add_argument(
         "--no-polygons", action="store_true", help="Skip the end-to-end run with polygons."

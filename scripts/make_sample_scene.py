@@ -9,6 +9,7 @@ like Landsat's exercises the nodata path.
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 import numpy as np
 import rasterio
@@ -59,6 +60,7 @@ def main() -> None:
         "compress": "DEFLATE",
         "photometric": "RGB",
     }
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     with rasterio.open(args.out, "w", **profile) as dst:
         dst.write(image)
         dst.descriptions = ("red", "green", "blue")
