@@ -317,9 +317,6 @@ class DeepLabV3(nn.Module):
             nn.ReLU(inplace=True),
         )
         self.classifier = nn.Conv2d(aspp_channels, num_classes, kernel_size=1)
-        self._init_weights()
-
-    def _init_weights(self) -> None:
         init_weights(self, self.classifier)
 
     def forward(self, x: Tensor) -> Tensor:

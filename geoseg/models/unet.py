@@ -152,9 +152,6 @@ class UNet(nn.Module):
             self.decoders.append(UpBlock(deeper, skip, out, upsampling))
             deeper = out
         self.classifier = nn.Conv2d(deeper, num_classes, kernel_size=1)
-        self._init_weights()
-
-    def _init_weights(self) -> None:
         init_weights(self, self.classifier)
 
     def forward(self, x: Tensor) -> Tensor:
