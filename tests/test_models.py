@@ -10,8 +10,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from geoseg.errors import ModelCardError
-from geoseg.models import ARCHITECTURES, build_model, total_stride
 from geoseg.models.deeplab import DeepLabV3
+from geoseg.models.registry import ARCHITECTURES, build_model, total_stride
 
 ARCHS = ["fcn", "unet", "deeplabv3"]
 IN_CHANNELS = 4

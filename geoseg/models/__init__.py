@@ -1,10 +1,5 @@
-"""Segmentation architectures (FCN-8s, U-Net, DeepLabV3) on plain ``torch.nn``."""
+"""Models: the card (``card.py``, torch-free), the architectures and their registry.
 
-from geoseg.models.registry import (
-    ARCHITECTURES,
-    accepted_args,
-    build_model,
-    total_stride,
-)
-
-__all__ = ["ARCHITECTURES", "accepted_args", "build_model", "total_stride"]
+Nothing is imported here on purpose: ``geoseg.io`` reads model cards in Ray read workers, and
+importing the registry (hence torch, ~350 MiB and ~0.8 s per worker) there would be wasted.
+"""
