@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,7 +34,7 @@ from geoseg.io.vectors import (
     read_strips,
     write_polygons,
 )
-from geoseg.measure import Quantity
+from geoseg.measure import Quantity, pixel_area_m2
 from geoseg.models.card import ModelCard
 from geoseg.tiling.bands import BandAssembler
 from geoseg.tiling.blend import Stitcher, classes_and_confidence
@@ -53,6 +54,7 @@ class SegmentOptions:
     overlap: int | None = None
     batch_size: int = 4
     workers: int | None = None  # None: one per GPU, else one
+    gpus_per_worker: float = 1.0
     device: str = "auto"
     precision: str = "fp32"
     tiles_in_flight: int | None = (
@@ -100,6 +102,8 @@ class SceneResult:
     timings_s: dict[str, float] = field(default_factory=dict)
     class_pixels: dict[str, int] = field(default_factory=dict)
     polygons: int | None = None
+    pixel_area_m2: float | None = None  # None in a geographic CRS
+    band_indexes: tuple[int, ...] | None = None  # 1-based file bands feeding the card's bands
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -113,14 +117,14 @@ class WorkerPool:
         use_gpu = options.device in ("auto", "cuda") and gpus >= 1
         if options.device == "cuda" and not use_gpu:
             raise ConfigError("--device cuda was requested but the Ray cluster has no GPU")
-        count = options.workers or (int(gpus) if use_gpu else 1)
+        count = options.workers or (max(1, int(gpus // options.gpus_per_worker)) if use_gpu else 1)
         cpus = cluster_cpus()
         # Fractional CPUs: actors holding whole CPUs would starve the read tasks (Ray then waits
         # forever). Torch threads share the machine's cores between the actors instead.
         threads = 0 if use_gpu else max(1, int(cpus // count))
         actor_cls = ray.remote(SegmentationWorker).options(
             num_cpus=0.5 if not use_gpu else 0.25,
-            num_gpus=1 if use_gpu else 0,
+            num_gpus=options.gpus_per_worker if use_gpu else 0,
             max_restarts=3,
             max_task_retries=3,
         )
@@ -303,8 +307,15 @@ def segment_scene(
     out_root: Path,
     options: SegmentOptions,
     name: str | None = None,
+    gdal_env: dict[str, str] | None = None,
+    before_commit: Callable[[], None] | None = None,
 ) -> SceneResult:
-    """Segment one scene into ``out_root/<name>/``; failures are returned, never raised."""
+    """Segment one scene into ``out_root/<name>/``; failures are returned, never raised.
+
+    ``gdal_env``: GDAL options for reading ``uri``; ``before_commit`` runs when every output is
+    complete, just before the folder is renamed into place: whatever it raises fails the scene
+    (the job runner checks there that the input did not change during the run).
+    """
     result = SceneResult(uri=uri, name=name, status="failed")
     start = time.perf_counter()
     output: SceneOutput | None = None
@@ -312,8 +323,11 @@ def segment_scene(
     try:
         result.name = name or scene_output_name(uri)
         output = SceneOutput(out_root, result.name, options.overwrite)
-        scene = open_scene(uri, card, list(options.band_names) if options.band_names else None)
+        bands = list(options.band_names) if options.band_names else None
+        scene = open_scene(uri, card, bands, gdal_env)
         result.height, result.width = scene.height, scene.width
+        result.pixel_area_m2 = pixel_area_m2(scene.transform, scene.crs_wkt)
+        result.band_indexes = scene.band_indexes
         grid = options.grid_for(card, scene.height, scene.width)
         result.tiles = len(grid)
         writer = ClassRasterWriter(output.tmp, scene, card.classes, options.confidence)
@@ -337,6 +351,8 @@ def segment_scene(
                 result.name,
             )
             result.timings_s["polygons_s"] = time.perf_counter() - t0
+        if before_commit is not None:
+            before_commit()
         output.commit()
         output = None
         result.status = "ok"

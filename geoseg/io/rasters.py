@@ -38,6 +38,12 @@ class SceneInfo:
     transform: Affine
     band_indexes: tuple[int, ...]  # 1-based file bands, in the card's order
     dtype: str
+    # GDAL options for reading this input (S3 endpoint, HTTP retries), beside READ_ENV. Carried
+    # with the scene so that read tasks on any worker open it the same way as the driver.
+    gdal_env: tuple[tuple[str, str], ...] = ()
+
+    def env(self) -> rasterio.Env:
+        return rasterio.Env(**READ_ENV, **dict(self.gdal_env))
 
     @property
     def pixel_area(self) -> float:
@@ -84,10 +90,17 @@ def match_bands(
     return tuple(index[canonical_band_name(b)] for b in card_bands)
 
 
-def open_scene(uri: str, card: ModelCard, band_names: list[str] | None = None) -> SceneInfo:
-    """Open ``uri`` and check that the model can segment it, before any compute."""
+def open_scene(
+    uri: str,
+    card: ModelCard,
+    band_names: list[str] | None = None,
+    gdal_env: dict[str, str] | None = None,
+) -> SceneInfo:
+    """Open ``uri`` (a path GDAL opens: local, ``/vsis3/``...) and check that the model can
+    segment it, before any compute. ``gdal_env``: GDAL options for reading it."""
+    gdal_options = tuple(sorted((gdal_env or {}).items()))
     try:
-        with rasterio.Env(**READ_ENV), warnings.catch_warnings():
+        with rasterio.Env(**READ_ENV, **dict(gdal_options)), warnings.catch_warnings():
             warnings.simplefilter("ignore", NotGeoreferencedWarning)
             with rasterio.open(uri) as src:
                 crs, transform = src.crs, src.transform
@@ -126,6 +139,7 @@ def open_scene(uri: str, card: ModelCard, band_names: list[str] | None = None) -
         transform=transform,
         band_indexes=indexes,
         dtype=dtype,
+        gdal_env=gdal_options,
     )
 
 
@@ -144,7 +158,7 @@ def read_tile(
     cols = min(width - left, scene.width - col_off)
     window = Window(col_off, row_off, cols, rows)
     try:
-        with rasterio.Env(**READ_ENV), warnings.catch_warnings():
+        with scene.env(), warnings.catch_warnings():
             warnings.simplefilter("ignore", NotGeoreferencedWarning)
             with rasterio.open(scene.uri) as src:
                 data = src.read(scene.band_indexes, window=window)

@@ -45,6 +45,10 @@ DEFAULT_COLORS: tuple[tuple[int, int, int], ...] = (
 )
 
 
+# Red, green, blue under the band names cards use: plain, Sentinel-2, Landsat 8/9.
+_DISPLAY_BANDS = (("red", "green", "blue"), ("b4", "b3", "b2"))
+
+
 def canonical_band_name(name: str) -> str:
     """Normalise a band name for matching: case, spaces, and Sentinel-2 style zero padding.
 
@@ -187,6 +191,15 @@ class ModelCard(BaseModel):
         if self.crf.feature_bands is None:
             return list(range(min(3, len(self.bands))))
         return [canonical.index(canonical_band_name(b)) for b in self.crf.feature_bands]
+
+    def display_band_indexes(self) -> list[int]:
+        """Positions, among the card's bands, of red, green and blue (Sentinel-2/Landsat names
+        too) for quicklooks; the first band alone (grey) when the card has no colour bands."""
+        canonical = [canonical_band_name(b) for b in self.bands]
+        for names in _DISPLAY_BANDS:
+            if all(n in canonical for n in names):
+                return [canonical.index(n) for n in names]
+        return [0]
 
     @property
     def num_classes(self) -> int:
