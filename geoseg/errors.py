@@ -40,3 +40,19 @@ class UnsafeOutputNameError(GeosegError, ValueError):
 
 class ConfigError(GeosegError, ValueError):
     """Invalid options or configuration."""
+
+
+class StorageError(GeosegError, OSError):
+    """An object store or output folder could not be read or written."""
+
+
+class LockedError(GeosegError, RuntimeError):
+    """Another run holds the output root's lock."""
+
+
+class InputChangedError(InputError):
+    """An input was overwritten while it was segmented; its outputs were discarded."""
+
+
+class DuplicateSubmissionError(GeosegError, RuntimeError):
+    """The same job (same config and inputs) was submitted to the cluster already."""

@@ -14,6 +14,7 @@ import rasterio
 sys.path.insert(0, str(Path(__file__).parent / "data"))
 
 from make_fixtures import make_all
+from s3server import s3_endpoint  # noqa: F401  (fixture shared by S3 tests)
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 AERIAL = SHARED / "aerial-new-brunswick"
