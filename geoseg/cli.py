@@ -1,7 +1,8 @@
 """The ``geoseg`` command line.
 
 Exit codes: 0 every scene succeeded; 1 at least one scene failed (the others were still done);
-2 bad usage or options (nothing was run).
+2 bad usage or options (nothing was run); 3 another run holds the output root's lock (``run``),
+or the same job was submitted already (``submit``).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ if TYPE_CHECKING:
 
 EXIT_SCENE_FAILED = 1
 EXIT_USAGE = 2
+EXIT_BUSY = 3
 
 log = logging.getLogger("geoseg")
 
@@ -363,6 +365,147 @@ def segment(
         click.echo(f"FAILED {r.uri}: {r.error}", err=True)
     if failed:
         ctx.exit(EXIT_SCENE_FAILED)
+
+
+@main.command("run")
+@click.argument("config_path", metavar="CONFIG", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--address", help="Ray cluster address [config's runtime.address, else local].")
+@click.option(
+    "--overwrite",
+    is_flag=True,
+    help="Segment every input again, and replace outputs no run of this output root recorded.",
+)
+@click.pass_context
+def run_command(
+    ctx: click.Context, /, config_path: Path, address: str | None, overwrite: bool
+) -> None:
+    """Run the job CONFIG (YAML): only new or changed inputs are segmented."""
+    import os
+
+    from geoseg.config import load_config
+    from geoseg.engine.runner import run_job
+    from geoseg.errors import LockedError
+
+    config = load_config(config_path)
+    # Inside a Ray job (geoseg submit, RayJob, RayCronJob) RAY_ADDRESS names the cluster.
+    address = address or config.runtime.address or os.environ.get("RAY_ADDRESS")
+    try:
+        summary = run_job(
+            config, overwrite=overwrite, progress=not ctx.obj["quiet"], address=address
+        )
+    except LockedError as exc:
+        click.echo(f"Error: {exc}", err=True)
+        ctx.exit(EXIT_BUSY)
+    click.echo(f"{summary.line}; see {summary.run_file}", err=True)
+    for r in summary.failed:
+        click.echo(f"FAILED {r.uri}: {r.error}", err=True)
+    if summary.failed:
+        ctx.exit(EXIT_SCENE_FAILED)
+
+
+_ADDRESS = click.option(
+    "--address",
+    required=True,
+    envvar="RAY_API_SERVER_ADDRESS",
+    help="Ray Jobs API of the cluster, e.g. http://HEAD:8265 [env RAY_API_SERVER_ADDRESS].",
+)
+
+
+@main.command()
+@click.argument("config_path", metavar="CONFIG", type=click.Path(dir_okay=False, path_type=Path))
+@_ADDRESS
+@click.option(
+    "--wait", is_flag=True, help="Print the job's log until it ends; exit 0 if it succeeded."
+)
+@click.pass_context
+def submit(ctx: click.Context, /, config_path: Path, address: str, wait: bool) -> None:
+    """Submit the job CONFIG to a Ray cluster (jobs/segment_bucket.py through the Jobs API).
+
+    The submission id is derived from the config and its inputs' identities: submitting the same
+    job twice is refused (exit 3) instead of running it twice.
+    """
+    import shutil
+    import tempfile
+
+    import yaml
+
+    from geoseg.config import load_config
+    from geoseg.engine import submit as jobs_api
+    from geoseg.engine.runner import plan_inputs
+    from geoseg.errors import ConfigError, DuplicateSubmissionError
+
+    config = load_config(config_path)
+    jobs_dir = Path(__file__).resolve().parents[1] / "jobs"
+    if not (jobs_dir / "segment_bucket.py").is_file():
+        raise ConfigError(
+            f"{jobs_dir}/segment_bucket.py is missing: geoseg submit ships the job entry points of "
+            "a source checkout (or the image's /app); run it from one"
+        )
+    with tempfile.TemporaryDirectory(prefix="geoseg-submit-") as tmp:
+        work = Path(tmp)
+        identities = [f"{p.uri}={p.identity}" for p in plan_inputs(config, work / ".stac")]
+        shutil.rmtree(work / ".stac", ignore_errors=True)
+        job_id = jobs_api.submission_id(config.submission_digest(), identities)
+        shutil.copytree(jobs_dir, work / "jobs", ignore=shutil.ignore_patterns("__pycache__"))
+        # Paths in the resolved config are absolute: the job reads the same files and models.
+        (work / "job.yaml").write_text(yaml.safe_dump(config.model_dump(mode="json")))
+        try:
+            jobs_api.submit(address, "python jobs/segment_bucket.py job.yaml", job_id, work)
+        except DuplicateSubmissionError as exc:
+            click.echo(f"Error: {exc}", err=True)
+            ctx.exit(EXIT_BUSY)
+    click.echo(job_id)
+    log.info("submitted %s (%d inputs); follow it with `geoseg logs %s --follow`",
+             job_id, len(identities), job_id)  # fmt: skip
+    if wait:
+        _follow_and_exit(ctx, address, job_id)
+
+
+def _follow_and_exit(ctx: click.Context, address: str, job_id: str) -> None:
+    from geoseg.engine import submit as jobs_api
+
+    for chunk in jobs_api.follow_logs(address, job_id):
+        click.echo(chunk, nl=False)
+    status = jobs_api.job_status(address, job_id)
+    click.echo(f"{job_id}: {status}", err=True)
+    if status != "SUCCEEDED":
+        ctx.exit(EXIT_SCENE_FAILED)
+
+
+@main.command()
+@click.argument("job_id", metavar="ID")
+@_ADDRESS
+def status(job_id: str, address: str) -> None:
+    """Print the status of submitted job ID: PENDING, RUNNING, SUCCEEDED, FAILED or STOPPED."""
+    from geoseg.engine import submit as jobs_api
+
+    click.echo(jobs_api.job_status(address, job_id))
+
+
+@main.command()
+@click.argument("job_id", metavar="ID")
+@_ADDRESS
+@click.option("--follow", "-f", is_flag=True, help="Keep printing until the job ends.")
+@click.pass_context
+def logs(ctx: click.Context, /, job_id: str, address: str, follow: bool) -> None:
+    """Print the log of submitted job ID (with --follow: exit 0 only if it succeeded)."""
+    from geoseg.engine import submit as jobs_api
+
+    if follow:
+        _follow_and_exit(ctx, address, job_id)
+    else:
+        click.echo(jobs_api.job_logs(address, job_id), nl=False)
+
+
+@main.command()
+@click.argument("job_id", metavar="ID")
+@_ADDRESS
+def stop(job_id: str, address: str) -> None:
+    """Ask submitted job ID to stop (its finished scenes stay committed; a rerun resumes)."""
+    from geoseg.engine import submit as jobs_api
+
+    was_running = jobs_api.stop_job(address, job_id)
+    click.echo(f"{job_id}: {'stopping' if was_running else 'not running'}")
 
 
 @main.command()

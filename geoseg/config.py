@@ -23,6 +23,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from geoseg.errors import ConfigError
+from geoseg.io.storage import S3Settings
 from geoseg.measure import Quantity, parse_area, parse_length
 
 
@@ -72,6 +73,13 @@ class Tiling(_Strict):
     tile_size: int | None = Field(None, gt=0)  # None: the model card's
     overlap: int | None = Field(None, ge=0)
     batch_size: int = Field(4, gt=0)
+
+    @model_validator(mode="after")
+    def _overlap_fits(self) -> Tiling:
+        tile, overlap = self.tile_size, self.overlap
+        if tile is not None and overlap is not None and 2 * overlap >= tile:
+            raise ValueError(f"overlap {overlap} must be less than half of tile_size {tile}")
+        return self
 
 
 class Crf(_Strict):
@@ -128,16 +136,6 @@ class Runtime(_Strict):
     lock_ttl_s: float = Field(600.0, ge=10)  # a lock not refreshed this long is stale
 
 
-class Storage(_Strict):
-    """How to reach S3: endpoint and retries. Credentials never go here (AWS environment)."""
-
-    s3_endpoint: str | None = None  # e.g. http://127.0.0.1:9000 for MinIO / a local server
-    region: str | None = None
-    virtual_hosting: bool = True
-    http_retries: int = Field(5, ge=0)
-    retry_delay_s: float = Field(1.0, gt=0)
-
-
 _CRON_FIELDS = (
     ("minute", 0, 59),
     ("hour", 0, 23),
@@ -183,8 +181,13 @@ class JobConfig(_Strict):
     crf: Crf = Crf()
     outputs: Outputs
     runtime: Runtime = Runtime()
-    storage: Storage = Storage()
+    storage: S3Settings = S3Settings()  # endpoint and retries; credentials: AWS environment
     schedule: Schedule | None = None
+
+    def submission_digest(self) -> str:
+        """sha256 of the whole config: with the inputs' identities, a submission's identity."""
+        text = json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(text.encode()).hexdigest()
 
     def output_digest(self) -> str:
         """sha256 of the settings that shape a scene's outputs (see the module docstring)."""
