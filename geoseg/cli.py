@@ -2,13 +2,14 @@
 
 Exit codes: 0 every scene succeeded; 1 at least one scene failed (the others were still done);
 2 bad usage or options (nothing was run); 3 another run holds the output root's lock (``run``),
-or the same job was submitted already (``submit``).
+or the same job was submitted already (``submit``); 130 ``run`` was interrupted (SIGINT/SIGTERM).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import signal
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -26,6 +27,12 @@ if TYPE_CHECKING:
 EXIT_SCENE_FAILED = 1
 EXIT_USAGE = 2
 EXIT_BUSY = 3
+EXIT_INTERRUPTED = 130  # as shells report a process stopped by SIGINT
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt(signal.Signals(signum).name)
+
 
 log = logging.getLogger("geoseg")
 
@@ -389,6 +396,9 @@ def run_command(
     config = load_config(config_path)
     # Inside a Ray job (geoseg submit, RayJob, RayCronJob) RAY_ADDRESS names the cluster.
     address = address or config.runtime.address or os.environ.get("RAY_ADDRESS")
+    # SIGTERM (kill, Kubernetes, systemd) stops like Ctrl-C: the scene in progress is discarded,
+    # committed scenes stay, the lock is released, and a rerun resumes.
+    signal.signal(signal.SIGTERM, _interrupt)
     try:
         summary = run_job(
             config, overwrite=overwrite, progress=not ctx.obj["quiet"], address=address
@@ -396,6 +406,13 @@ def run_command(
     except LockedError as exc:
         click.echo(f"Error: {exc}", err=True)
         ctx.exit(EXIT_BUSY)
+    except KeyboardInterrupt:
+        click.echo(
+            f"Interrupted: committed scenes are kept in {config.outputs.root}; "
+            "the scene in progress was discarded. Rerun to resume.",
+            err=True,
+        )
+        ctx.exit(EXIT_INTERRUPTED)
     click.echo(f"{summary.line}; see {summary.run_file}", err=True)
     for r in summary.failed:
         click.echo(f"FAILED {r.uri}: {r.error}", err=True)

@@ -471,3 +471,61 @@ def test_s3_bucket_in_and_out_rerun_processes_exactly_the_new_object(
         assert secret.encode() not in body and key_id.encode() not in body, key
     for output in (first.stdout, first.stderr, second.stdout, second.stderr):
         assert secret not in output and key_id not in output
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_signal_stops_the_run_cleanly_and_a_rerun_resumes(
+    tmp_path: Path, trained_aerial_model: Path, ray_local: None, signum: signal.Signals
+) -> None:
+    make_scenes(tmp_path / "in", 3)
+    root = tmp_path / "out"
+    config = write_config(
+        tmp_path / "job.yaml",
+        [f"{tmp_path}/in/*.tif"],
+        trained_aerial_model,
+        str(root),
+        tiling={"tile_size": 128, "overlap": 32},
+    )
+    driver = subprocess.Popen(
+        [GEOSEG, "-q", "run", str(config)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline:  # signal it while a scene is being segmented
+            try:
+                statuses = [r["status"] for r in manifest(root).values()]
+            except (FileNotFoundError, json.JSONDecodeError):
+                statuses = []
+            if "running" in statuses:
+                break
+            assert driver.poll() is None, "the run ended before it could be stopped"
+            time.sleep(0.02)
+        else:
+            pytest.fail("no scene started in time")
+        sent = time.monotonic()
+        driver.send_signal(signum)
+        _, stderr = driver.communicate(timeout=30)
+        stopped_after = time.monotonic() - sent
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(driver.pid, signal.SIGKILL)
+    assert driver.returncode == 130, stderr[-2000:]
+    assert stopped_after < 15
+    assert "Interrupted: committed scenes are kept" in stderr
+    assert not (root / LOCK_KEY).exists()  # released
+    assert not [p.name for p in root.iterdir() if p.name.startswith(".")]  # nothing partial
+    committed = {u: r for u, r in manifest(root).items() if r["status"] == "ok"}
+    for record in committed.values():
+        assert (root / record["name"] / "mask.tif").is_file()
+    unfinished = [r["name"] for r in manifest(root).values() if r["status"] != "ok"]
+    assert unfinished and not any((root / name).exists() for name in unfinished)
+
+    rerun = CliRunner().invoke(main, ["-q", "run", str(config)])
+    assert rerun.exit_code == 0, rerun.output
+    assert summary_line(rerun.output).startswith(
+        f"{3 - len(committed)} new, {len(committed)} unchanged, 0 failed"
+    )

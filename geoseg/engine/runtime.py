@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
+import threading
 
 import ray
 
@@ -21,6 +23,9 @@ def start_ray(address: str | None, num_cpus: int | None = None) -> None:
     if ray.is_initialized():
         return
     quiet = log.getEffectiveLevel() > logging.INFO
+    # Ray's core worker installs a C-level SIGTERM handler that aborts the process; put back a
+    # Python handler the caller set (geoseg run turns SIGTERM into a clean stop).
+    on_sigterm = signal.getsignal(signal.SIGTERM)
     if address:
         ray.init(address=address, log_to_driver=not quiet)
     else:
@@ -32,6 +37,8 @@ def start_ray(address: str | None, num_cpus: int | None = None) -> None:
             configure_logging=True,
             logging_level=logging.WARNING if quiet else logging.INFO,
         )
+    if callable(on_sigterm) and threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, on_sigterm)
     log.info("Ray resources: %s", ray.cluster_resources())
 
 
