@@ -11,6 +11,7 @@ style (``mask.qml``) makes QGIS show the class names and colours.
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 from xml.sax.saxutils import escape
 
@@ -19,7 +20,9 @@ import rasterio
 import rasterio.shutil
 from numpy.typing import NDArray
 from rasterio.crs import CRS
+from rasterio.errors import RasterioError
 
+from geoseg.errors import StorageError
 from geoseg.io.rasters import SceneInfo
 from geoseg.models.card import ClassInfo
 from geoseg.styles import paletted_raster_qml
@@ -81,6 +84,7 @@ class ClassRasterWriter:
         self.dtype, self.nodata = mask_dtype(len(classes))
         self._env = rasterio.Env(**WRITE_ENV)
         self._env.__enter__()
+        self._closed = False
         self._mask = rasterio.open(
             out_dir / "mask.stream.tif", "w", **_profile(scene, self.dtype, self.nodata)
         )
@@ -142,11 +146,13 @@ class ClassRasterWriter:
             self._conf.write(conf, 1, window=window)
 
     def close(self) -> None:
-        """Release files without producing outputs (on failure)."""
+        """Release files without producing outputs (on failure); safe to call again."""
         self._mask.close()
         if self._conf is not None:
             self._conf.close()
-        self._env.__exit__(None, None, None)
+        if not self._closed:
+            self._closed = True
+            self._env.__exit__(None, None, None)
 
     def finish(self) -> None:
         """Check completeness, then convert the streamed rasters to COGs with overviews."""
@@ -171,12 +177,52 @@ class ClassRasterWriter:
                     self.out_dir / "confidence.tif",
                     "AVERAGE",
                 )
+            # GDAL reports a failed block write (disk full, I/O error) only as a logged error when
+            # the file is closed: read every block back, so an incomplete file is never committed.
+            _check_readable(self.out_dir / "mask.tif")
+            if self._conf is not None:
+                _check_readable(self.out_dir / "confidence.tif")
         (self.out_dir / "mask.tif.aux.xml").write_text(_category_sidecar(self.classes))
         # QGIS applies mask.qml to mask.tif: class names as legend labels, the card's colours.
         (self.out_dir / "mask.qml").write_text(paletted_raster_qml(self.classes), encoding="utf-8")
 
 
+def _write_failed(path: Path, exc: Exception) -> StorageError:
+    free_mib = shutil.disk_usage(path.parent).free / 2**20
+    return StorageError(
+        f"{path}: could not be written completely ({exc}); {free_mib:.1f} MiB are free on its "
+        "filesystem: if the disk is full, free space (or choose another output root) and rerun"
+    )
+
+
+def _read_every_block(dataset: rasterio.DatasetReader) -> None:
+    for band in dataset.indexes:
+        for _, window in dataset.block_windows(band):
+            dataset.read(band, window=window)
+
+
+def _check_readable(path: Path) -> None:
+    """Read every block of every band and overview of ``path``; StorageError if any fails."""
+    try:
+        with rasterio.open(path) as src:
+            _read_every_block(src)
+            levels = len(src.overviews(1))
+        for level in range(levels):
+            with rasterio.open(path, overview_level=level) as overview:
+                _read_every_block(overview)
+    except (RasterioError, OSError) as exc:
+        raise _write_failed(path, exc) from exc
+
+
 def _to_cog(src: Path, dst: Path, resampling: str) -> None:
+    try:
+        _copy_to_cog(src, dst, resampling)
+    except (RasterioError, OSError) as exc:
+        raise _write_failed(dst, exc) from exc
+    src.unlink()
+
+
+def _copy_to_cog(src: Path, dst: Path, resampling: str) -> None:
     rasterio.shutil.copy(
         src,
         dst,
@@ -188,4 +234,3 @@ def _to_cog(src: Path, dst: Path, resampling: str) -> None:
         BIGTIFF="IF_SAFER",
         NUM_THREADS=2,
     )
-    src.unlink()
