@@ -32,7 +32,7 @@ from conftest import shared
 from numpy.typing import NDArray
 
 from geoseg.cli import main
-from geoseg.errors import ModelCardError, OutputExistsError
+from geoseg.errors import ConfigError, ModelCardError, OutputExistsError
 from geoseg.models.card import WEIGHTS_FILE, ModelCard, Normalization, read_card
 from geoseg.models.dynamicworld import (
     NORM_SHIFT_SCALE,
@@ -310,6 +310,34 @@ def test_bf16_autocast(port: tuple[ModelCard, torch.nn.Module]) -> None:
         dtype=torch.float32
     )
     assert agreement >= 0.98
+
+
+def test_bf16_is_refused_for_dynamic_world(
+    port: tuple[ModelCard, torch.nn.Module], model_dir: Path, ray_local: None, tmp_path: Path
+) -> None:
+    # Measured: bf16 autocast changes more than 0.1% of some scene's class map, so the card
+    # allows fp32 only and the pipeline refuses bf16 before any work.
+    card, model = port
+    agreements = []
+    for scene in SCENES:
+        bands = read_scene(scene)
+        x = normalize(torch.from_numpy(bands)[None], card)
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            bf16 = model(x).argmax(dim=1)[0]
+        fp32 = predict(port, bands).argmax(dim=0)
+        agreements.append(float((bf16 == fp32).mean(dtype=torch.float32)))
+    assert min(agreements) < 0.999, agreements
+    assert read_card(model_dir).precisions == ["fp32"]
+
+    result = CliRunner().invoke(
+        main,
+        ["segment", str(shared(SCENES[2])), "--model", str(model_dir), "--out", str(tmp_path),
+         "--precision", "bf16"],
+    )  # fmt: skip
+    assert isinstance(result.exception, ConfigError), result.output
+    assert "precision 'bf16' changes its class map by more than 0.1%" in str(result.exception)
+    assert "allows fp32" in str(result.exception)
+    assert not any(tmp_path.iterdir())
 
 
 def test_one_tile_class_maps_equal_tensorflow(

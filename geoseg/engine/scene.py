@@ -35,7 +35,7 @@ from geoseg.io.vectors import (
     write_polygons,
 )
 from geoseg.measure import Quantity, pixel_area_m2
-from geoseg.models.card import ModelCard
+from geoseg.models.card import ModelCard, read_card
 from geoseg.tiling.bands import BandAssembler
 from geoseg.tiling.blend import Stitcher, classes_and_confidence
 from geoseg.tiling.grid import Tile, TileGrid
@@ -113,6 +113,7 @@ class WorkerPool:
     """Model actors, on GPUs when the cluster has any; restarted, tiles retried, on failure."""
 
     def __init__(self, model_dir: Path, options: SegmentOptions) -> None:
+        read_card(model_dir).check_precision(options.precision)
         gpus = cluster_gpus()
         use_gpu = options.device in ("auto", "cuda") and gpus >= 1
         if options.device == "cuda" and not use_gpu:

@@ -25,7 +25,7 @@ from pydantic import (
     model_validator,
 )
 
-from geoseg.errors import ModelCardError
+from geoseg.errors import ConfigError, ModelCardError
 
 CARD_FILE = "model.yaml"
 WEIGHTS_FILE = "weights.safetensors"
@@ -167,7 +167,19 @@ class ModelCard(BaseModel):
     tile_size: int = Field(default=512, ge=1)
     overlap: int = Field(default=64, ge=0)
     crf: CRFSettings = CRFSettings()
+    # Precisions that keep the class map within 0.1% of fp32 (as measured for this model); others
+    # are refused rather than silently changing the map.
+    precisions: list[Literal["fp32", "bf16"]] = ["fp32", "bf16"]
     description: str = ""
+
+    def check_precision(self, precision: str) -> None:
+        """ConfigError unless ``precision`` is one of :attr:`precisions`."""
+        if precision not in self.precisions:
+            raise ConfigError(
+                f"model {self.name!r}: precision {precision!r} changes its class map by more "
+                f"than 0.1% of pixels; its card allows {', '.join(self.precisions)}: use one "
+                "of those (e.g. --precision fp32 / runtime.precision: fp32)"
+            )
 
     @model_validator(mode="after")
     def _check(self) -> ModelCard:
