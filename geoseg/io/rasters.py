@@ -17,6 +17,7 @@ from rasterio.errors import NotGeoreferencedWarning, RasterioError
 from rasterio.windows import Window
 
 from geoseg.errors import BandMismatchError, NotGeoreferencedError, RasterReadError
+from geoseg.io.storage import gdal_http_statuses, gdal_request_error
 from geoseg.models.card import ModelCard, canonical_band_name
 
 # Colour interpretations that name a band well enough to match a card by.
@@ -100,7 +101,11 @@ def open_scene(
     segment it, before any compute. ``gdal_env``: GDAL options for reading it."""
     gdal_options = tuple(sorted((gdal_env or {}).items()))
     try:
-        with rasterio.Env(**READ_ENV, **dict(gdal_options)), warnings.catch_warnings():
+        with (
+            rasterio.Env(**READ_ENV, **dict(gdal_options)),
+            gdal_http_statuses(uri) as http_statuses,
+            warnings.catch_warnings(),
+        ):
             warnings.simplefilter("ignore", NotGeoreferencedWarning)
             with rasterio.open(uri) as src:
                 crs, transform = src.crs, src.transform
@@ -108,7 +113,13 @@ def open_scene(
                 file_dtypes = list(src.dtypes)
                 height, width = src.height, src.width
     except RasterioError as exc:
-        raise RasterReadError(f"{uri}: cannot open as a raster: {exc}") from exc
+        failed = gdal_request_error(uri, exc, "open it", dict(gdal_options), http_statuses)
+        if failed is not None:
+            raise failed from exc  # S3/HTTP gave up: not a broken file
+        raise RasterReadError(
+            f"{uri}: cannot open as a raster ({exc}); check it with gdalinfo, and re-download or "
+            "re-export it as a GeoTIFF"
+        ) from exc
     if crs is None:
         raise NotGeoreferencedError(
             f"{uri}: the raster has no CRS; assign one (gdal_edit.py -a_srs EPSG:...) first"
@@ -158,15 +169,21 @@ def read_tile(
     cols = min(width - left, scene.width - col_off)
     window = Window(col_off, row_off, cols, rows)
     try:
-        with scene.env(), warnings.catch_warnings():
+        with scene.env(), gdal_http_statuses(scene.uri) as http_statuses, warnings.catch_warnings():
             warnings.simplefilter("ignore", NotGeoreferencedWarning)
             with rasterio.open(scene.uri) as src:
                 data = src.read(scene.band_indexes, window=window)
                 valid = src.dataset_mask(window=window) > 0
     except RasterioError as exc:
+        where = f"rows {row_off}:{row_off + rows}, cols {col_off}:{col_off + cols}"
+        gdal_env = dict(scene.gdal_env)
+        failed = gdal_request_error(scene.uri, exc, f"read {where}", gdal_env, http_statuses)
+        if failed is not None:
+            raise failed from exc  # S3/HTTP gave up: not a broken file
         raise RasterReadError(
             f"{scene.uri}: cannot read window rows {row_off}:{row_off + rows}, "
-            f"cols {col_off}:{col_off + cols} (corrupt or truncated file?): {exc}"
+            f"cols {col_off}:{col_off + cols}: the file is corrupt or truncated ({exc}); "
+            "re-download or re-export it"
         ) from exc
     if np.issubdtype(data.dtype, np.floating):
         valid &= np.isfinite(data).all(axis=0)

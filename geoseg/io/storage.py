@@ -22,6 +22,7 @@ import fcntl
 import functools
 import hashlib
 import json
+import logging
 import os
 import re
 import shutil
@@ -31,7 +32,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 import boto3
 import botocore.config
@@ -122,6 +123,113 @@ def gdal_options(settings: S3Settings) -> dict[str, str]:
     if settings.region is not None:
         options["AWS_REGION"] = settings.region
     return options
+
+
+def display_uri(path: str) -> str:
+    """The URI a GDAL path stands for, for messages: ``/vsis3/b/k`` -> ``s3://b/k`` (the inverse
+    of :func:`gdal_path`); anything else unchanged."""
+    return "s3://" + path.removeprefix("/vsis3/") if path.startswith("/vsis3/") else path
+
+
+_CREDENTIALS_HINT = "check the AWS credentials (environment or profile) and their permissions"
+_MISSING_HINT = "the object does not exist: check the URI and endpoint_url"
+_RETRIED_HINT = (
+    "the server kept failing or refused the request; 429 and 5xx answers were retried "
+    "{retries} time(s) with back-off: check endpoint_url, the network and the server's health, "
+    "or raise storage.http_retries and retry_delay_s"
+)
+# rasterio's classes for GDAL's errors of S3 and HTTP requests (CPLE_AWS*, CPLE_HttpResponse),
+# by name: they live in the private rasterio._err. Anything else (a corrupt file) is not here.
+_GDAL_REQUEST_HINTS = {
+    "CPLE_AWSBucketNotFoundError": "the bucket does not exist: check the bucket name and "
+    "endpoint_url",
+    "CPLE_AWSObjectNotFoundError": _MISSING_HINT,
+    "CPLE_AWSAccessDeniedError": _CREDENTIALS_HINT,
+    "CPLE_AWSInvalidCredentialsError": _CREDENTIALS_HINT,
+    "CPLE_AWSSignatureDoesNotMatchError": _CREDENTIALS_HINT,
+    "CPLE_AWSError": _RETRIED_HINT,
+    "CPLE_HttpResponseError": _RETRIED_HINT,
+}
+# GDAL's warnings on a failed HTTP request, as rasterio logs them (the URL is percent-encoded),
+# and libtiff's errors on a short read (what GDAL turns a read whose requests failed into; a
+# corrupt file's are "bad magic number", "Corrupted LZW table", "Sanity check ... failed"...).
+_HTTP_WARNING = re.compile(
+    r"HTTP error code: (?P<a>\d+) - (?P<url_a>\S+?)\.? Retrying"
+    r"|HTTP response code on (?P<url_b>\S+): (?P<b>\d+)"
+)
+_SHORT_READ = re.compile(
+    r"got \d+ bytes|read error|failed to read|cannot read|can not read|short read", re.IGNORECASE
+)
+
+
+class _HttpWarnings(logging.Handler):
+    def __init__(self, url_path_end: str) -> None:
+        super().__init__(logging.WARNING)
+        self.url_path_end = url_path_end
+        self.statuses: list[int] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        match = _HTTP_WARNING.search(record.getMessage())
+        if match is not None:
+            url = match["url_a"] or match["url_b"]
+            if unquote(urlsplit(url).path).endswith(self.url_path_end):
+                self.statuses.append(int(match["a"] or match["b"]))
+
+
+@contextmanager
+def gdal_http_statuses(path: str) -> Iterator[list[int]]:
+    """The HTTP error statuses GDAL got for the S3 object ``path`` (``/vsis3/b/k``) while the
+    block runs, read from the warnings rasterio logs when GDAL retries. GDAL reports a read whose
+    requests all failed as a short read, like a truncated file: this tells the two apart. Empty
+    for a local path, and when rasterio's warnings are not logged (a level above WARNING)."""
+    if not path.startswith("/vsis3/"):
+        yield []
+        return
+    _, _, key = path.removeprefix("/vsis3/").partition("/")
+    handler = _HttpWarnings("/" + key)  # ends the URL path, path-style or virtual-hosted
+    logger = logging.getLogger("rasterio")
+    logger.addHandler(handler)
+    try:
+        yield handler.statuses
+    finally:
+        logger.removeHandler(handler)
+
+
+def gdal_request_error(
+    path: str,
+    exc: BaseException,
+    action: str,
+    gdal_env: dict[str, str],
+    http_statuses: list[int] | None = None,
+) -> StorageError | None:
+    """A :class:`StorageError` naming the input's URI when the rasterio error ``exc`` comes from a
+    failed S3/HTTP request (GDAL gave up after its retries), or is a short read while GDAL got
+    the error statuses ``http_statuses`` (:func:`gdal_http_statuses`); None for any other
+    failure (a corrupt file)."""
+    retries = gdal_env.get("GDAL_HTTP_MAX_RETRY", "0")
+    answered = f"HTTP {http_statuses[-1]}" if http_statuses else ""
+    seen: set[int] = set()
+    short_read = False
+    cause: BaseException | None = exc
+    while cause is not None and id(cause) not in seen:  # rasterio chains GDAL's error as context
+        seen.add(id(cause))
+        hint = _GDAL_REQUEST_HINTS.get(type(cause).__name__)
+        if hint is not None:
+            message = ": ".join(m for m in (answered, str(exc).strip()) if m)
+            return StorageError(
+                f"{display_uri(path)}: could not {action}: the request failed: {message} "
+                f"({hint.format(retries=retries)})"
+            )
+        short_read = short_read or _SHORT_READ.search(str(cause)) is not None
+        cause = cause.__cause__ or cause.__context__
+    if not (http_statuses and short_read):
+        return None
+    status = http_statuses[-1]
+    hint = {403: _CREDENTIALS_HINT, 404: _MISSING_HINT}.get(status, _RETRIED_HINT)
+    return StorageError(
+        f"{display_uri(path)}: could not {action}: the request failed: {answered} "
+        f"({hint.format(retries=retries)})"
+    )
 
 
 @functools.lru_cache(maxsize=8)
