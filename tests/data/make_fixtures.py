@@ -3,6 +3,8 @@
 Usage: python tests/data/make_fixtures.py OUT_DIR   (the tests call :func:`make_all` themselves)
 
 Every fixture is an RGB uint8 scene in EPSG:32633 unless its name says what is wrong with it.
+The fixtures added for tests/test_bad_inputs.py draw from their own generator, so adding them left
+the older fixtures byte for byte as they were.
 """
 
 from __future__ import annotations
@@ -13,13 +15,16 @@ from pathlib import Path
 
 import numpy as np
 import rasterio
+import rasterio.shutil
 from affine import Affine
 from rasterio.errors import NotGeoreferencedWarning
 
 TRANSFORM = Affine(10, 0, 500000, 0, -10, 5100000)
 
 
-def _write(path: Path, data: np.ndarray, **profile: object) -> Path:
+def _write(
+    path: Path, data: np.ndarray, descriptions: tuple[str, ...] | None = None, **profile: object
+) -> Path:
     base: dict[str, object] = {
         "driver": "GTiff",
         "height": data.shape[1],
@@ -37,7 +42,9 @@ def _write(path: Path, data: np.ndarray, **profile: object) -> Path:
         dst = rasterio.open(path, "w", **base)
     with dst:
         dst.write(data)
-        if data.shape[0] == 3:
+        if descriptions is not None:
+            dst.descriptions = descriptions
+        elif data.shape[0] == 3:
             dst.descriptions = ("red", "green", "blue")
     return path
 
@@ -50,8 +57,9 @@ def make_all(out: Path) -> dict[str, Path]:
     """Write every fixture into ``out`` and return their paths by name."""
     out.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(42)
+    good = _rgb(rng, 200, 300)
     paths = {
-        "good": _write(out / "good.tif", _rgb(rng, 200, 300)),
+        "good": _write(out / "good.tif", good),
         "two_band": _write(out / "two_band.tif", rng.integers(0, 255, (2, 64, 64), dtype=np.uint8)),
         "no_crs": _write(
             out / "no_crs.tif", _rgb(rng, 64, 64), crs=None, transform=Affine.identity()
@@ -83,6 +91,61 @@ def make_all(out: Path) -> dict[str, Path]:
     paths["not_a_raster"] = out / "not_a_raster.tif"
     (out / "empty.tif").write_bytes(b"")
     paths["empty"] = out / "empty.tif"
+    paths.update(_more(out, good))
+    return paths
+
+
+def _more(out: Path, good: np.ndarray) -> dict[str, Path]:
+    """The fixtures of tests/test_bad_inputs.py (own generator: the others stay as they were)."""
+    rng = np.random.default_rng(43)
+    paths = {
+        "identity_transform": _write(
+            out / "identity_transform.tif", _rgb(rng, 64, 64), transform=Affine.identity()
+        ),
+        "sheared": _write(
+            out / "sheared.tif", _rgb(rng, 64, 64), transform=TRANSFORM @ Affine.shear(15, 0)
+        ),
+        # Same pixels as good.tif, in the next UTM zone: a job with both spans two CRSs.
+        "other_crs": _write(out / "other_crs.tif", good, crs="EPSG:32634"),
+        # good.tif's bands in another order (blue, green, red) after an extra first band (nir).
+        "bands_reordered": _write(
+            out / "bands_reordered.tif",
+            np.concatenate([rng.integers(1, 255, (1, 200, 300), dtype=np.uint8), good[::-1]]),
+            descriptions=("nir", "blue", "green", "red"),
+        ),
+        "odd_size": _write(out / "odd_size.tif", _rgb(rng, 203, 317)),  # 203, 317: primes
+        "int16": _write(out / "int16.tif", rng.integers(-1000, 10000, (3, 64, 80), dtype=np.int16)),
+    }
+    # Float reflectance in [0, 1) with NaN as nodata: a 20 x 30 block NaN in every band, and a
+    # diagonal NaN in the green band only (a pixel with any NaN band cannot be classified).
+    floats = rng.random((3, 90, 110), dtype=np.float32)
+    floats[:, 10:30, 40:70] = np.nan
+    diagonal = np.arange(60, 90)
+    floats[1, diagonal, diagonal] = np.nan
+    paths["float32_nan"] = _write(out / "float32_nan.tif", floats, nodata=float("nan"))
+
+    # Truncated: a COG (directory first, then the blocks) cut after 60% of its bytes opens and
+    # fails when a block past the cut is read; a plain GeoTIFF (GDAL writes its directory last)
+    # cut the same way loses its directory and fails at open.
+    source = _write(out / "truncated_source.tif", _rgb(rng, 512, 512))
+    cog = out / "truncated_cog.tif"
+    rasterio.shutil.copy(
+        source, cog, driver="COG", blocksize=128, compress="DEFLATE", overviews="NONE"
+    )
+    plain = _write(
+        out / "truncated.tif",
+        _rgb(rng, 512, 512),
+        tiled=True,
+        blockxsize=128,
+        blockysize=128,
+        compress="DEFLATE",
+    )
+    source.unlink()
+    for path in (cog, plain):
+        raw = path.read_bytes()
+        path.write_bytes(raw[: len(raw) * 6 // 10])
+    paths["truncated_cog"] = cog
+    paths["truncated"] = plain
     return paths
 
 
