@@ -13,6 +13,9 @@ import numpy as np
 import psutil
 import rasterio
 from affine import Affine
+from click.testing import CliRunner
+
+from geoseg.cli import main
 
 
 def _scene(path: Path) -> Path:
@@ -78,3 +81,46 @@ def test_killed_actor_is_restarted_and_outputs_equal_a_clean_run(
         rasterio.open(faulty_out / "scene" / "mask.tif") as b,
     ):
         np.testing.assert_array_equal(a.read(1), b.read(1))
+
+
+def test_many_tiles_in_flight_through_a_small_object_store(
+    rgb_model: Path, ray_local: None, tmp_path: Path
+) -> None:
+    """16 batches of 4 tiles of 512 px in flight (~180 MiB of tiles and probabilities) through an
+    80 MiB object store: Ray spills or holds back, the job completes, and the mask equals a run
+    with the default store and backpressure."""
+    rng = np.random.default_rng(7)
+    coarse = rng.integers(0, 256, size=(3, 48, 48), dtype=np.uint8)
+    image = np.repeat(np.repeat(coarse, 64, axis=1), 64, axis=2)  # 3072 x 3072 blocks of colour
+    scene = tmp_path / "big.tif"
+    profile = {
+        "driver": "GTiff", "height": 3072, "width": 3072, "count": 3, "dtype": "uint8",
+        "crs": "EPSG:32633", "transform": Affine(10, 0, 500000, 0, -10, 5100000),
+        "tiled": True, "blockxsize": 512, "blockysize": 512, "compress": "deflate",
+    }  # fmt: skip
+    with rasterio.open(scene, "w", **profile) as dst:
+        dst.write(image)
+    common = [
+        "segment", str(scene), "--model", str(rgb_model), "--tile-size", "512", "--overlap", "32",
+        "--batch-size", "4", "--no-polygons", "--no-confidence",
+    ]  # fmt: skip
+
+    env = {**os.environ, "GEOSEG_OBJECT_STORE_BYTES": str(80 * 2**20)}
+    env.pop("RAY_ADDRESS", None)
+    pressed = subprocess.run(
+        [str(Path(sys.executable).parent / "geoseg"), "-q", *common,
+         "--tiles-in-flight", "16", "--out", str(tmp_path / "pressed")],
+        capture_output=True, text=True, env=env, timeout=600, check=False,
+    )  # fmt: skip
+    assert pressed.returncode == 0, pressed.stderr[-3000:]
+    reference = CliRunner().invoke(main, ["-q", *common, "--out", str(tmp_path / "reference")])
+    assert reference.exit_code == 0, reference.output
+
+    with (
+        rasterio.open(tmp_path / "pressed" / "big" / "mask.tif") as a,
+        rasterio.open(tmp_path / "reference" / "big" / "mask.tif") as b,
+    ):
+        assert (a.height, a.width) == (3072, 3072)
+        mask = a.read(1)
+        assert (mask == b.read(1)).all()
+        assert (mask != a.nodata).all()

@@ -9,6 +9,8 @@ import threading
 
 import ray
 
+from geoseg.errors import ConfigError
+
 log = logging.getLogger(__name__)
 
 # Object store of the embedded Ray. Its default (30% of RAM) is not a bound on what geoseg holds
@@ -16,6 +18,17 @@ log = logging.getLogger(__name__)
 # default the driver's RSS climbed with the scene size (9 GiB on a 40k x 40k scene). Tiles in
 # flight need tens of MiB; beyond the cap Ray spills to disk instead of failing.
 OBJECT_STORE_BYTES = 1 << 30
+OBJECT_STORE_ENV = "GEOSEG_OBJECT_STORE_BYTES"  # overrides it (a small machine, a pressure test)
+
+
+def _object_store_bytes() -> int:
+    value = os.environ.get(OBJECT_STORE_ENV, str(OBJECT_STORE_BYTES))
+    if not value.isdigit() or int(value) < 80 * 2**20:
+        raise ConfigError(
+            f"{OBJECT_STORE_ENV}={value!r}: give a number of bytes of at least 83886080 (80 MiB, "
+            "Ray's minimum)"
+        )
+    return int(value)
 
 
 def start_ray(address: str | None, num_cpus: int | None = None) -> None:
@@ -31,7 +44,7 @@ def start_ray(address: str | None, num_cpus: int | None = None) -> None:
     else:
         ray.init(
             num_cpus=num_cpus or os.cpu_count() or 1,
-            object_store_memory=OBJECT_STORE_BYTES,
+            object_store_memory=_object_store_bytes(),
             include_dashboard=False,
             log_to_driver=not quiet,
             configure_logging=True,
