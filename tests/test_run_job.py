@@ -529,3 +529,35 @@ def test_signal_stops_the_run_cleanly_and_a_rerun_resumes(
     assert summary_line(rerun.output).startswith(
         f"{3 - len(committed)} new, {len(committed)} unchanged, 0 failed"
     )
+
+
+def test_fail_fast_stops_at_the_first_failed_scene(
+    tmp_path: Path, ray_local: None, dynamicworld_model: Path
+) -> None:
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    (inbox / "a_broken.tif").write_bytes(b"not a raster")  # sorts first
+    for relative in SLOVENIA[:2]:
+        shutil.copy(shared(relative), inbox)
+    common = {"tiling": {"tile_size": 200, "overlap": 96}}
+    outcomes = {True: "0 new, 0 unchanged, 1 failed", False: "2 new, 0 unchanged, 1 failed"}
+    for fail_fast, expected in outcomes.items():
+        config = write_config(
+            tmp_path / f"job-{fail_fast}.yaml",
+            [f"{inbox}/*.tif"],
+            dynamicworld_model,
+            str(tmp_path / f"out-{fail_fast}"),
+            runtime={"fail_fast": fail_fast},
+            **common,
+        )
+        result = CliRunner().invoke(main, ["-q", "run", str(config)])
+        assert result.exit_code == 1, result.output
+        assert summary_line(result.output).startswith(expected)
+        assert f"FAILED {inbox / 'a_broken.tif'}: " in result.output
+
+
+def test_embedded_ray_serves_no_dashboard(ray_local: None) -> None:
+    import ray
+
+    # No dashboard, so no Jobs API or dashboard port is opened by a local run at all.
+    assert not ray._private.worker.global_worker.node.address_info.get("webui_url")
