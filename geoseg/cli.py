@@ -398,7 +398,7 @@ def run_command(
     address = address or config.runtime.address or os.environ.get("RAY_ADDRESS")
     # SIGTERM (kill, Kubernetes, systemd) stops like Ctrl-C: the scene in progress is discarded,
     # committed scenes stay, the lock is released, and a rerun resumes.
-    signal.signal(signal.SIGTERM, _interrupt)
+    previous = signal.signal(signal.SIGTERM, _interrupt)
     try:
         summary = run_job(
             config, overwrite=overwrite, progress=not ctx.obj["quiet"], address=address
@@ -413,6 +413,8 @@ def run_command(
             err=True,
         )
         ctx.exit(EXIT_INTERRUPTED)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     click.echo(f"{summary.line}; see {summary.run_file}", err=True)
     for r in summary.failed:
         click.echo(f"FAILED {r.uri}: {r.error}", err=True)

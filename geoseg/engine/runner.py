@@ -38,7 +38,12 @@ from geoseg.engine.scene import (
     resolve_crf,
     segment_scene,
 )
-from geoseg.errors import ConfigError, GeosegError, InputChangedError, OutputExistsError
+from geoseg.errors import (
+    GeosegError,
+    InputChangedError,
+    LockedError,
+    OutputExistsError,
+)
 from geoseg.io.job_outputs import write_job_outputs
 from geoseg.io.outputs import scene_output_name, write_json_atomic
 from geoseg.io.stac import scenes_from_api, scenes_from_item_collection
@@ -272,7 +277,7 @@ class _Run:
                 name,
                 OutputExistsError(
                     f"{self.store.uri}/{name}: outputs exist that no geoseg run of this output "
-                    "root recorded; pass --overwrite (or outputs.overwrite) to replace them"
+                    "root recorded; pass --overwrite to replace them"
                 ),
                 "OutputExistsError",
             )
@@ -437,7 +442,7 @@ def _run(
         for item in todo:
             assert pool is not None
             if lock.lost.is_set():
-                raise ConfigError(f"{job.store.uri}: lost the output root's lock; stopping")
+                raise LockedError(f"{job.store.uri}: lost the output root's lock; stopping")
             result = job.segment(item, pool, options)
             results.append(result)
             run["scenes"].append(result.to_json())
