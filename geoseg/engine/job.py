@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import platform
 import time
+from collections.abc import Callable
 from dataclasses import asdict
 from datetime import UTC, datetime
 from pathlib import Path
@@ -23,7 +24,7 @@ from geoseg.engine.scene import (
     resolve_crf,
     segment_scene,
 )
-from geoseg.io.job_outputs import write_job_outputs
+from geoseg.io.job_outputs import JobOutputs, write_job_outputs
 from geoseg.io.outputs import scene_output_name, write_json_atomic
 from geoseg.models.card import WEIGHTS_FILE, file_sha256, read_card
 
@@ -50,11 +51,39 @@ def _names(uris: list[str]) -> list[str | None]:
     return names
 
 
-def _job_outputs(out_root: Path, names: list[str | None]) -> dict[str, Any]:
-    """Job-level polygon dataset and mask VRTs (geoseg.io.job_outputs); a failure is recorded."""
+def run_provenance(started: datetime) -> dict[str, Any]:
+    """The head of run.json: geoseg and library versions, host, start time."""
+    return {
+        "geoseg_version": __version__,
+        "started": started.isoformat(),
+        "finished": None,
+        "host": platform.node(),
+        "versions": {
+            "ray": ray.__version__,
+            "torch": torch.__version__,
+            "rasterio": rasterio.__version__,
+            "gdal": rasterio.__gdal_version__,
+        },
+    }
+
+
+def job_outputs(
+    out_root: Path,
+    names: list[str],
+    *,
+    prepare: Callable[[], None] | None = None,
+    publish: Callable[[JobOutputs], None] | None = None,
+) -> dict[str, Any]:
+    """Job-level polygon dataset and mask VRTs (geoseg.io.job_outputs) over the scenes ``names``
+    of ``out_root``, for run.json; a failure (also of ``prepare`` or ``publish``, which a remote
+    output root uses to stage and upload) is logged and recorded, never raised."""
     t0 = time.perf_counter()
     try:
-        outputs = write_job_outputs(out_root, [n for n in names if n is not None])
+        if prepare is not None:
+            prepare()
+        outputs = write_job_outputs(out_root, names)
+        if publish is not None:
+            publish(outputs)
     except Exception as exc:
         log.error("job-level outputs failed: %s", exc)
         log.debug("traceback", exc_info=True)
@@ -83,16 +112,7 @@ def segment(
     start_ray(address)
     pool = WorkerPool(model_dir, options)
     run: dict[str, Any] = {
-        "geoseg_version": __version__,
-        "started": started.isoformat(),
-        "finished": None,
-        "host": platform.node(),
-        "versions": {
-            "ray": ray.__version__,
-            "torch": torch.__version__,
-            "rasterio": rasterio.__version__,
-            "gdal": rasterio.__gdal_version__,
-        },
+        **run_provenance(started),
         "model": {
             "dir": str(model_dir),
             "card": card.model_dump(mode="json"),
@@ -135,7 +155,9 @@ def segment(
             write_json_atomic(out_root / RUN_FILE, run)
     finally:
         pool.shutdown()
-    run["job_outputs"] = _job_outputs(out_root, [r.name for r in results if r.status == "ok"])
+    run["job_outputs"] = job_outputs(
+        out_root, [r.name for r in results if r.status == "ok" and r.name is not None]
+    )
     run["finished"] = datetime.now(UTC).isoformat()
     run["summary"] = {
         "ok": sum(r.status == "ok" for r in results),

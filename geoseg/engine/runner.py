@@ -12,7 +12,6 @@ run's): the job-level polygon dataset and mask VRTs, ``run.json`` and the report
 from __future__ import annotations
 
 import logging
-import platform
 import re
 import shutil
 import tempfile
@@ -23,12 +22,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import rasterio
-import ray
-import torch
-
-from geoseg import __version__
 from geoseg.config import GlobInput, JobConfig
+from geoseg.engine.job import job_outputs, run_provenance
 from geoseg.engine.manifest import Manifest, RunLock
 from geoseg.engine.runtime import start_ray
 from geoseg.engine.scene import (
@@ -44,7 +39,7 @@ from geoseg.errors import (
     LockedError,
     OutputExistsError,
 )
-from geoseg.io.job_outputs import write_job_outputs
+from geoseg.io.job_outputs import JobOutputs
 from geoseg.io.outputs import scene_output_name, write_json_atomic
 from geoseg.io.stac import scenes_from_api, scenes_from_item_collection
 from geoseg.io.storage import (
@@ -202,16 +197,7 @@ def _header(
 ) -> Any:
     crf = resolve_crf(card, segment_options(config, False, False))
     return {
-        "geoseg_version": __version__,
-        "started": datetime.now(UTC).isoformat(),
-        "finished": None,
-        "host": platform.node(),
-        "versions": {
-            "ray": ray.__version__,
-            "torch": torch.__version__,
-            "rasterio": rasterio.__version__,
-            "gdal": rasterio.__gdal_version__,
-        },
+        **run_provenance(datetime.now(UTC)),
         "model": {
             "dir": config.model,
             "card": card.model_dump(mode="json"),
@@ -345,26 +331,21 @@ class _Run:
                     quick = f"{QUICKLOOKS}/{name}.png"
                     self.store.download_file(quick, self.local_root / quick)
 
+    def publish_job_outputs(self, outputs: JobOutputs) -> None:
+        if not self.remote:
+            return
+        for folder in outputs.polygons:
+            self.store.publish_dir(self.local_root / folder, folder)
+        for vrt in outputs.vrts:
+            self.store.put_file(self.local_root / vrt, vrt)
+
     def job_outputs(self, names: list[str]) -> dict[str, Any]:
-        t0 = time.perf_counter()
-        try:
-            self.stage_committed(names)
-            outputs = write_job_outputs(self.local_root, names)
-            for folder in outputs.polygons:
-                if self.remote:
-                    self.store.publish_dir(self.local_root / folder, folder)
-            for vrt in outputs.vrts:
-                self.publish(self.local_root / vrt, vrt)
-        except Exception as exc:
-            log.error("job-level outputs failed: %s", exc)
-            log.debug("traceback", exc_info=True)
-            return {"error": str(exc), "error_type": type(exc).__name__}
-        log.info(
-            "job outputs: %s; %d features merged across scene borders",
-            ", ".join(outputs.polygons + outputs.vrts) or "none",
-            outputs.merged_features,
+        return job_outputs(
+            self.local_root,
+            names,
+            prepare=lambda: self.stage_committed(names),
+            publish=self.publish_job_outputs,
         )
-        return {**outputs.to_json(), "seconds": time.perf_counter() - t0}
 
     def write_run(self, run: dict[str, Any]) -> None:
         write_json_atomic(self.local_root / RUN_FILE, run)
