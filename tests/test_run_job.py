@@ -75,12 +75,9 @@ def dynamicworld_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
-# ---------------------------------------------------------------------------- incremental reruns
-
-
-def test_rerun_segments_only_new_and_changed_inputs(
-    tmp_path: Path, ray_local: None, dynamicworld_model: Path
-) -> None:
+def slovenia_job(tmp_path: Path, model: Path) -> tuple[Path, Path, Path]:
+    """An inbox folder holding two Sentinel-2 scenes, an output root and a job over the inbox
+    with Dynamic World on 200/96 tiles: (inbox, root, config)."""
     inbox = tmp_path / "inbox"
     inbox.mkdir()
     for relative in SLOVENIA[:2]:
@@ -89,10 +86,20 @@ def test_rerun_segments_only_new_and_changed_inputs(
     config = write_config(
         tmp_path / "job.yaml",
         [f"{inbox}/*.tif"],
-        dynamicworld_model,
+        model,
         str(root),
         tiling={"tile_size": 200, "overlap": 96},
     )
+    return inbox, root, config
+
+
+# ---------------------------------------------------------------------------- incremental reruns
+
+
+def test_rerun_segments_only_new_and_changed_inputs(
+    tmp_path: Path, ray_local: None, dynamicworld_model: Path
+) -> None:
+    inbox, root, config = slovenia_job(tmp_path, dynamicworld_model)
     runner = CliRunner()
 
     first = runner.invoke(main, ["-q", "run", str(config)])
@@ -155,20 +162,8 @@ def test_overwritten_input_fails_that_scene_only(
     from geoseg.config import load_config
     from geoseg.engine.runner import run_job
 
-    inbox = tmp_path / "inbox"
-    inbox.mkdir()
-    for relative in SLOVENIA[:2]:
-        shutil.copy(shared(relative), inbox)
-    root = tmp_path / "out"
-    config = load_config(
-        write_config(
-            tmp_path / "job.yaml",
-            [f"{inbox}/*.tif"],
-            dynamicworld_model,
-            str(root),
-            tiling={"tile_size": 200, "overlap": 96},
-        )
-    )
+    inbox, root, config_path = slovenia_job(tmp_path, dynamicworld_model)
+    config = load_config(config_path)
     victim = inbox / "scene_2.tif"
 
     def overwrite_victim_once(path: Path = victim) -> None:
@@ -534,22 +529,15 @@ def test_signal_stops_the_run_cleanly_and_a_rerun_resumes(
 def test_fail_fast_stops_at_the_first_failed_scene(
     tmp_path: Path, ray_local: None, dynamicworld_model: Path
 ) -> None:
-    inbox = tmp_path / "inbox"
-    inbox.mkdir()
+    inbox, _, base_config = slovenia_job(tmp_path, dynamicworld_model)
     (inbox / "a_broken.tif").write_bytes(b"not a raster")  # sorts first
-    for relative in SLOVENIA[:2]:
-        shutil.copy(shared(relative), inbox)
-    common = {"tiling": {"tile_size": 200, "overlap": 96}}
     outcomes = {True: "0 new, 0 unchanged, 1 failed", False: "2 new, 0 unchanged, 1 failed"}
     for fail_fast, expected in outcomes.items():
-        config = write_config(
-            tmp_path / f"job-{fail_fast}.yaml",
-            [f"{inbox}/*.tif"],
-            dynamicworld_model,
-            str(tmp_path / f"out-{fail_fast}"),
-            runtime={"fail_fast": fail_fast},
-            **common,
-        )
+        job = yaml.safe_load(base_config.read_text())
+        job["runtime"] = {"fail_fast": fail_fast}
+        job["outputs"]["root"] = str(tmp_path / f"out-{fail_fast}")
+        config = tmp_path / f"job-{fail_fast}.yaml"
+        config.write_text(yaml.safe_dump(job))
         result = CliRunner().invoke(main, ["-q", "run", str(config)])
         assert result.exit_code == 1, result.output
         assert summary_line(result.output).startswith(expected)

@@ -768,14 +768,28 @@ class S3Store:
         found = self.read_json_versioned(key)
         return None if found is None else found[0]
 
+    def _put_json(
+        self, key: str, data: Any, action: str, lost: frozenset[str] = frozenset(), **condition: str
+    ) -> bool:
+        """PUT JSON at ``key`` (with a conditional header); False if S3 answered a code in
+        ``lost`` (the condition failed), other failures raise :class:`StorageError`."""
+        with _s3_errors(self._uri(key), action):
+            try:
+                self._client.put_object(
+                    Bucket=self.bucket,
+                    Key=self._key(key),
+                    Body=_encode(data),
+                    ContentType="application/json",
+                    **condition,  # type: ignore[arg-type]
+                )
+            except ClientError as exc:
+                if _error_code(exc) in lost:
+                    return False
+                raise
+        return True
+
     def write_json(self, key: str, data: Any) -> None:
-        with _s3_errors(self._uri(key), "write"):
-            self._client.put_object(
-                Bucket=self.bucket,
-                Key=self._key(key),
-                Body=_encode(data),
-                ContentType="application/json",
-            )
+        self._put_json(key, data, "write")
 
     def publish_dir(self, local_dir: Path, key: str) -> None:
         """Upload every file (multipart when large), then delete keys under the prefix that
@@ -855,20 +869,7 @@ class S3Store:
             return listed.get("KeyCount", 0) > 0
 
     def create_exclusive(self, key: str, data: Any) -> bool:
-        with _s3_errors(self._uri(key), "create"):
-            try:
-                self._client.put_object(
-                    Bucket=self.bucket,
-                    Key=self._key(key),
-                    Body=_encode(data),
-                    ContentType="application/json",
-                    IfNoneMatch="*",
-                )
-            except ClientError as exc:
-                if _error_code(exc) in _CONDITION_LOST:
-                    return False
-                raise
-        return True
+        return self._put_json(key, data, "create", _CONDITION_LOST, IfNoneMatch="*")
 
     def read_json_versioned(self, key: str) -> tuple[Any, str] | None:
         """The version is the object's ETag (as S3 returns it, quotes included)."""
@@ -880,20 +881,7 @@ class S3Store:
         return _decode(raw, self._uri(key)), etag
 
     def replace_if_version(self, key: str, data: Any, version: str) -> bool:
-        with _s3_errors(self._uri(key), "replace"):
-            try:
-                self._client.put_object(
-                    Bucket=self.bucket,
-                    Key=self._key(key),
-                    Body=_encode(data),
-                    ContentType="application/json",
-                    IfMatch=version,
-                )
-            except ClientError as exc:
-                if _error_code(exc) in _CONDITION_LOST | _MISSING:
-                    return False
-                raise
-        return True
+        return self._put_json(key, data, "replace", _CONDITION_LOST | _MISSING, IfMatch=version)
 
     def delete(self, key: str) -> None:
         with _s3_errors(self._uri(key), "delete"):
