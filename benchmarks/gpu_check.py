@@ -2,8 +2,9 @@
 
 Self-contained on purpose: it imports only ``geoseg.models``, ``geoseg.crf`` and torch/numpy (plus
 what those import: safetensors, yaml, pydantic), not Ray or rasterio, so it runs on a bare GPU box.
-It mirrors ``SegmentationWorker.predict`` (normalise on the device, autocast, softmax in float32,
-class = argmax) without the actor.
+Its settings mirror ``geoseg.engine.predict.Predictor`` (normalise on the device, autocast, softmax
+in float32, class = argmax); the ``actor-*`` rows time the Predictor itself (numpy in, float16
+probabilities back on the host, as the actor returns them).
 
 For each model directory given:
 
@@ -47,6 +48,7 @@ import torch
 import torch.nn.functional as F
 
 from geoseg.crf import CRFParams, crf_refine
+from geoseg.engine.predict import Predictor
 from geoseg.models.card import ModelCard
 from geoseg.models.store import load_model, normalize
 
@@ -182,21 +184,6 @@ def margin(probs: torch.Tensor) -> torch.Tensor:
     return top[:, 0] - top[:, 1]
 
 
-def predict_actor(
-    model: torch.nn.Module, card: ModelCard, raw: np.ndarray, device: torch.device, setting: str
-) -> np.ndarray:
-    """``SegmentationWorker.predict``'s path: numpy in, float16 probabilities back on the host."""
-    amp, channels_last, _ = SETTINGS[setting]
-    x = normalize(torch.from_numpy(raw).to(device), card)
-    if channels_last:
-        x = x.contiguous(memory_format=torch.channels_last)
-    ctx = torch.autocast(device.type, dtype=amp) if amp is not None else nullcontext()
-    with ctx:
-        logits = model(x)
-    out: np.ndarray = torch.softmax(logits.float(), dim=1).to(torch.float16).cpu().numpy()
-    return out
-
-
 def check_model(
     model_dir: Path,
     tiles_dir: Path | None,
@@ -263,7 +250,9 @@ def check_model(
 
         # throughput
         set_tf32(True)
-        extra = ["actor-fp32", "actor-bf16"] + (["bf16+cl+compile"] if args.compile else [])
+        extra = [f"actor-{p}" for p in card.precisions] + (
+            ["bf16+cl+compile"] if args.compile else []
+        )
         for setting in SPEED_SETTINGS + extra:
             compiled = setting.endswith("+compile")
             actor = setting.startswith("actor-")
@@ -279,7 +268,10 @@ def check_model(
                 try:
                     x = realistic(batch, args.tile, card, lo, hi, 2)
                     run = (
-                        partial(predict_actor, model, card, x.numpy(), device, base_setting)
+                        partial(
+                            Predictor(model_dir, device.type, base_setting).probabilities,
+                            x.numpy(),
+                        )
                         if actor
                         else partial(predict, model, card, x.to(device), device, base_setting)
                     )

@@ -25,11 +25,12 @@ import hashlib
 import json
 import os
 import platform
+import shutil
 import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from datetime import datetime
 from pathlib import Path
@@ -37,8 +38,10 @@ from typing import Any
 
 import numpy as np
 import psutil
+import rasterio
 import torch
 
+from benchmarks import plain_loop, vectors
 from benchmarks.proctree import (
     CpuSnapshot,
     MonitoredRun,
@@ -46,16 +49,20 @@ from benchmarks.proctree import (
     run_monitored,
     wait_for_quiet,
 )
-from benchmarks.scenes import make_mosaic_vrt, make_scene
-from geoseg.engine.actors import SegmentationWorker
+from benchmarks.scenes import BAND_NAMES, make_mosaic_vrt, make_scene, scene_classes, scene_window
+from benchmarks.scenes import CLASSES as SCENE_CLASSES
+from geoseg.engine.predict import Predictor
 from geoseg.engine.scene import SegmentOptions
 from geoseg.io.rasters import open_scene, read_tile
 from geoseg.models.card import ModelCard, read_card
-from geoseg.models.store import init_model, load_model, normalize
+from geoseg.models.store import init_model, load_model, normalize, save_model
+from geoseg.training import fit
 
 REPO = Path(__file__).resolve().parents[1]
-BANDS = ["red", "green", "blue", "nir"]
-CLASSES = ["water", "vegetation", "built", "bare"]
+BANDS = list(BAND_NAMES)
+CLASSES = list(SCENE_CLASSES)
+TRAIN_STEPS = 600  # benchmark models: steps on the scene's top-left window (see ensure_model)
+TRAIN_WINDOW = 4096
 BATCH = 4
 MB = 1024 * 1024
 CLEAN_SHARE = 0.10  # a timed pass counts as clean when other processes used less of the CPU
@@ -82,7 +89,6 @@ class Config:
 
     out: Path
     quick: bool
-    precision: str
     e2e_size: int  # edge of the end-to-end scene
     e2e_model: ModelSpec
     mem_repeat: int  # the large memory scene is the end-to-end scene mosaicked n x n times
@@ -101,7 +107,6 @@ class Config:
         return cls(
             out=Path(args.out or ("benchmarks/out/quick" if quick else "benchmarks/out")),
             quick=quick,
-            precision=args.precision,
             e2e_size=4000 if quick else 10_000,
             e2e_model=SMALL_MODEL if quick else DEFAULT_MODEL,
             mem_repeat=2 if quick else 4,
@@ -133,7 +138,7 @@ def log(message: str) -> None:
     print(f"[{stamp}] {message}", flush=True)
 
 
-def machine_info(precision: str) -> dict[str, Any]:
+def machine_info() -> dict[str, Any]:
     cpu_model = platform.processor()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -149,7 +154,6 @@ def machine_info(precision: str) -> dict[str, Any]:
         "memory_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
         "torch": torch.__version__,
         "torch_threads": torch.get_num_threads(),
-        "precision": precision,
         "python": platform.python_version(),
         "loadavg_start": os.getloadavg(),
     }
@@ -176,10 +180,29 @@ def code_version() -> dict[str, str]:
 
 
 def ensure_model(out: Path, spec: ModelSpec) -> Path:
-    """Create the model directory once (seeded weights, so reruns get the same model)."""
-    model_dir = out / "models" / spec.name
-    if not (model_dir / "model.yaml").exists():
-        init_model("unet", BANDS, CLASSES, model_dir, arch_args=dict(spec.arch_args), seed=0)
+    """Create the model directory once: a U-Net trained briefly on the scene's own classes.
+
+    A random network's argmax is a near-tie at most pixels, so any change of arithmetic (bf16,
+    another kernel) flips classes and says nothing about a real model; a few hundred steps on
+    the generated scene (whose classes are known) make the decisions as stable as a real
+    model's. Seeded: reruns get the same model.
+    """
+    model_dir = out / "models" / f"{spec.name}-trained{TRAIN_STEPS}"
+    if (model_dir / "model.yaml").exists():
+        return model_dir
+    tmp = model_dir.with_name(f".{model_dir.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    init_model("unet", BANDS, CLASSES, tmp, arch_args=dict(spec.arch_args), seed=0)
+    card, model, _ = load_model(tmp)
+    size = TRAIN_WINDOW
+    image = scene_window(0, 0, size, size)
+    labels = scene_classes(0, 0, size, size).astype(np.uint8)
+    t0 = time.perf_counter()
+    losses = fit(model, card, image, labels, steps=TRAIN_STEPS, crop=128, batch_size=4)
+    log(f"trained {spec.name}: {TRAIN_STEPS} steps in {time.perf_counter() - t0:.0f} s, "
+        f"loss {losses[0]:.3f} -> {statistics.mean(losses[-10:]):.3f}")  # fmt: skip
+    save_model(model, card, tmp, overwrite=True)
+    tmp.replace(model_dir)
     return model_dir
 
 
@@ -302,46 +325,95 @@ def read_sample_tiles(
     return np.stack([p[0] for p in parts]), np.stack([p[1] for p in parts]), read_s
 
 
-def bench_forward(model_dir: Path, scene_path: Path, precision: str, cfg: Config) -> dict[str, Any]:
-    """Raw ``model(x)`` and the actor's whole ``predict`` on the same fixed batches."""
+@dataclass(frozen=True)
+class Form:
+    """A way the pipeline can run the model (``geoseg segment --precision P [--compile]``)."""
+
+    precision: str
+    compile: bool
+
+    @property
+    def label(self) -> str:
+        return self.precision + (" compiled" if self.compile else "")
+
+    def flags(self) -> list[str]:
+        return ["--precision", self.precision] + (["--compile"] if self.compile else [])
+
+
+FORMS = [Form("fp32", False), Form("fp32", True), Form("bf16", False), Form("bf16", True)]
+AGREEMENT_GOAL = 0.999  # a form counts when its class map is within 0.1% of fp32's
+
+
+def bench_forward(model_dir: Path, scene_path: Path, cfg: Config) -> dict[str, Any]:
+    """Each form of the model on the same pre-read tiles: throughput and agreement with fp32.
+
+    Raw forward: ``Predictor.logits`` on pre-normalised tiles (autocast and compile as the
+    actor runs them). The limit of the pipeline is the fastest form whose class map agrees with
+    eager fp32 on at least ``AGREEMENT_GOAL`` of the pixels; the actor's whole step
+    (``Predictor.probabilities``: raw tiles in, normalise, forward, softmax, float16 out) is timed
+    for that form too.
+    """
     torch.set_num_threads(os.cpu_count() or 1)
-    card, model, _ = load_model(model_dir)
-    model = model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
-    data, valid, read_s = read_sample_tiles(scene_path, card, cfg.raw_tiles)
+    card = read_card(model_dir)
+    data, _, read_s = read_sample_tiles(scene_path, card, cfg.raw_tiles)
     tile_pixels = data.shape[-2] * data.shape[-1]
     starts = range(0, len(data), BATCH)
-    inputs = [
-        normalize(torch.from_numpy(data[i : i + BATCH]), card).contiguous(
-            memory_format=torch.channels_last
-        )
-        for i in starts
-    ]
+    raw_batches = [data[i : i + BATCH] for i in starts]
+    inputs = [normalize(torch.from_numpy(b), card) for b in raw_batches]
     sizes = [len(x) for x in inputs]
-    bf16 = precision == "bf16"
-
-    @torch.inference_mode()
-    def forward(x: torch.Tensor) -> torch.Tensor:
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            out: torch.Tensor = model(x)
-        return out
-
-    raw = ForwardTiming(
-        tile_pixels, time_batches(forward, inputs, sizes, cfg.raw_passes, cfg.raw_max_passes)
-    )
-
-    worker = SegmentationWorker(str(model_dir), "cpu", precision, os.cpu_count() or 1)
-    raw_batches = [(data[i : i + BATCH], valid[i : i + BATCH], 0.0) for i in starts]
+    forms: list[dict[str, Any]] = []
+    reference: torch.Tensor | None = None
+    predictors: dict[Form, Predictor] = {}
+    for form in FORMS:
+        if form.precision not in card.precisions:
+            continue
+        predictor = Predictor(model_dir, "cpu", form.precision, form.compile, BATCH)
+        t0 = time.perf_counter()
+        predictor.logits(inputs[0])  # compiles a compiled form
+        first_s = time.perf_counter() - t0
+        timing = ForwardTiming(
+            tile_pixels,
+            time_batches(predictor.logits, inputs, sizes, cfg.raw_passes, cfg.raw_max_passes),
+        )
+        classes = torch.cat([predictor.logits(x).float().argmax(1) for x in inputs])
+        if reference is None:
+            reference = classes
+        agreement = float((classes == reference).double().mean())
+        predictors[form] = predictor
+        forms.append(
+            {
+                **asdict(form),
+                "label": form.label,
+                "first_call_s": first_s,
+                "agreement": agreement,
+                "raw": timing.to_json(),
+            }
+        )
+        log(
+            f"  {form.label}: {timing.mp_per_s:.2f} MP/s, agreement {agreement:.5%}, first call "
+            f"{first_s:.1f} s"
+        )
+    usable = [f for f in forms if f["agreement"] >= AGREEMENT_GOAL]
+    limit = max(usable, key=lambda f: f["raw"]["mp_per_s"])
+    limit_form = Form(limit["precision"], limit["compile"])
     actor = ForwardTiming(
         tile_pixels,
-        time_batches(worker.predict, raw_batches, sizes, cfg.raw_passes, cfg.raw_max_passes),
+        time_batches(
+            predictors[limit_form].probabilities,
+            raw_batches,
+            sizes,
+            cfg.raw_passes,
+            cfg.raw_max_passes,
+        ),
     )
     return {
         "model": str(model_dir),
-        "precision": precision,
         "threads": torch.get_num_threads(),
         "tile": list(data.shape[-2:]),
         "batch": BATCH,
-        "raw": raw.to_json(),
+        "forms": forms,
+        "limit": {**asdict(limit_form), "label": limit_form.label},
+        "raw": limit["raw"],
         "actor_predict": actor.to_json(),
         "read_1thread": {
             "tiles": len(data),
@@ -360,13 +432,14 @@ def segment_command(
     model_dir: Path,
     out: Path,
     *,
-    precision: str,
+    form: Form,
     polygons: bool,
     confidence: bool = True,
+    extra: tuple[str, ...] = (),
 ) -> list[str]:
     cmd = [sys.executable, "-m", "geoseg", "-q", "segment", str(scene)]
     cmd += ["--model", str(model_dir), "--out", str(out), "--batch-size", str(BATCH)]
-    cmd += ["--precision", precision, "--overwrite"]
+    cmd += [*form.flags(), "--overwrite", *extra]
     if not polygons:
         cmd.append("--no-polygons")
     if not confidence:
@@ -407,6 +480,9 @@ def analyse_run(run: MonitoredRun, out: Path, model_dir: Path) -> dict[str, Any]
     ).total_seconds()
     wall = run.wall_s
     cores = os.cpu_count() or 1
+    actors = record["parameters"].get("workers") or 1
+    actor_s = timings["infer_s"] + timings.get("crf_s", 0.0)
+    streaming_s = timings["total_s"] - timings.get("cog_s", 0.0) - timings.get("polygons_s", 0.0)
     result.update(
         {
             "height": height,
@@ -429,7 +505,12 @@ def analyse_run(run: MonitoredRun, out: Path, model_dir: Path) -> dict[str, Any]
             "model_mp_per_s": mp(model_px) / wall,
             "scene_mp_per_s_in_scene": mp(scene_px) / timings["total_s"],
             "model_mp_per_s_in_scene": mp(model_px) / timings["total_s"],
-            "actor_busy_share": timings["infer_s"] / timings["total_s"],
+            "actors": actors,
+            # Model actors' busy time (tiles and CRF bands) over the scene, and the share of
+            # the streaming phase (before the COG is finalised and polygons are made, which the
+            # driver does alone) in which they sat idle waiting for work.
+            "actor_busy_share": actor_s / (actors * timings["total_s"]),
+            "actor_idle_share_streaming": 1 - actor_s / (actors * streaming_s),
             "cpu_utilisation": run.tree.cpu_s / (wall * cores),
         }
     )
@@ -442,13 +523,15 @@ def run_segment(
     model_dir: Path,
     cfg: Config,
     *,
+    form: Form,
     polygons: bool,
     confidence: bool = True,
+    extra: tuple[str, ...] = (),
     timeout_s: float | None = None,
 ) -> dict[str, Any]:
     out = cfg.out / "runs" / label
     cmd = segment_command(
-        scene, model_dir, out, precision=cfg.precision, polygons=polygons, confidence=confidence
+        scene, model_dir, out, form=form, polygons=polygons, confidence=confidence, extra=extra
     )
     log(f"{label}: {printable(cmd)}")
     quiet = settle(cfg, label)
@@ -479,6 +562,209 @@ def run_segment(
         f"{run.tree.peak_tree_rss / MB:.0f} MiB, driver {run.tree.peak_driver_rss / MB:.0f} MiB"
     )
     return result
+
+
+# ----------------------------------------------------------------------------------------------
+# 5. Side by side: the tools users would pick, same image, same model
+
+
+GEOINFERENCE_ENV = Path("benchmarks/out/envs/geoinference")
+
+
+class _Scripted(torch.nn.Module):
+    """The model with geoseg's normalisation inside, for a tool that feeds it raw pixels."""
+
+    def __init__(self, model: torch.nn.Module, card: ModelCard) -> None:
+        super().__init__()
+        self.model, self.card = model, card
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out: torch.Tensor = self.model(normalize(x, self.card))
+        return out
+
+
+def export_torchscript(model_dir: Path, out: Path) -> Path:
+    """The same weights as TorchScript (what geo-inference loads), traced on a raw uint8 tile."""
+    card, model, _ = load_model(model_dir)
+    example = torch.zeros((1, len(card.bands), card.tile_size, card.tile_size), dtype=torch.uint8)
+    with torch.inference_mode():
+        traced = torch.jit.trace(_Scripted(model, card).eval(), example)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    torch.jit.save(traced, str(out))
+    return out
+
+
+def seam_lines(offsets: Sequence[int], tile: int, size: int) -> list[int]:
+    """Positions ``p`` (a seam lies between pixels ``p - 1`` and ``p``) of a window grid's edges."""
+    edges = {o for o in offsets} | {o + tile for o in offsets}
+    return sorted(e for e in edges if 0 < e < size)
+
+
+def seam_excess(mask: np.ndarray, rows: list[int], cols: list[int], nodata: int) -> dict[str, Any]:
+    """How much more often the class changes across the tile grid's edges than elsewhere.
+
+    For every pair of neighbouring valid pixels, horizontally and vertically: the share whose
+    classes differ across a grid edge (``seam``) and elsewhere (``other``). A seamless map has
+    ``seam / other`` near 1; a map whose tiles disagree where they meet has far more changes on
+    the grid lines than between any other neighbours.
+    """
+    counts = {"seam_pairs": 0, "seam_changes": 0, "other_pairs": 0, "other_changes": 0}
+    for axis, lines in ((1, cols), (0, rows)):
+        a = mask[:, :-1] if axis == 1 else mask[:-1]
+        b = mask[:, 1:] if axis == 1 else mask[1:]
+        valid = (a != nodata) & (b != nodata)
+        changed = (a != b) & valid
+        on_seam = np.zeros(mask.shape[axis] - 1, dtype=bool)
+        on_seam[np.asarray(lines, dtype=int) - 1] = True
+        seam = on_seam[None, :] if axis == 1 else on_seam[:, None]
+        per_line_valid = valid.sum(axis=0 if axis == 1 else 1)
+        per_line_changed = changed.sum(axis=0 if axis == 1 else 1)
+        counts["seam_pairs"] += int(per_line_valid[on_seam].sum())
+        counts["seam_changes"] += int(per_line_changed[on_seam].sum())
+        counts["other_pairs"] += int(per_line_valid[~on_seam].sum())
+        counts["other_changes"] += int(per_line_changed[~on_seam].sum())
+        del seam
+    seam_rate = counts["seam_changes"] / max(counts["seam_pairs"], 1)
+    other_rate = counts["other_changes"] / max(counts["other_pairs"], 1)
+    return {
+        **counts,
+        "seam_change_rate": seam_rate,
+        "other_change_rate": other_rate,
+        "excess": seam_rate / other_rate if other_rate else float("nan"),
+    }
+
+
+def read_mask(path: Path) -> tuple[np.ndarray, int]:
+    with rasterio.open(path) as src:
+        nodata = 255 if src.nodata is None else int(src.nodata)
+        return src.read(1), nodata
+
+
+def tool_entry(
+    label: str, run: MonitoredRun, mask_path: Path | None, offsets: Callable[[int], Sequence[int]],
+    tile: int,
+) -> dict[str, Any]:  # fmt: skip
+    """Throughput, memory and seams of one tool's run; ``offsets(size)``: its windows' offsets."""
+    entry: dict[str, Any] = {
+        "tool": label,
+        **run.to_json(),
+        "command": printable(run.command) if run.command[:3] == [sys.executable, "-m", "geoseg"]
+        else " ".join(rel(Path(w)) if os.sep in w else w for w in run.command),
+    }  # fmt: skip
+    entry["ok"] = run.returncode == 0 and mask_path is not None and mask_path.exists()
+    if not entry["ok"]:
+        return entry
+    assert mask_path is not None
+    mask, nodata = read_mask(mask_path)
+    height, width = mask.shape
+    entry["mask"] = rel(mask_path)
+    entry["scene_mp_per_s"] = mp(height * width) / run.wall_s
+    entry["seams"] = seam_excess(
+        mask,
+        seam_lines(offsets(height), tile, height),
+        seam_lines(offsets(width), tile, width),
+        nodata,
+    )
+    entry["classes"] = np.bincount(mask.ravel(), minlength=256)[:8].tolist()
+    return entry
+
+
+def last_json_line(log_path: Path) -> dict[str, Any]:
+    for line in reversed(log_path.read_text().splitlines()):
+        if line.startswith("{"):
+            parsed: dict[str, Any] = json.loads(line)
+            return parsed
+    return {}
+
+
+def side_by_side(
+    scene: Path,
+    model_dir: Path,
+    geoseg_runs: dict[str, tuple[str, dict[str, Any]]],
+    cfg: Config,
+) -> dict[str, Any]:
+    """geoseg, a plain rasterio + torch loop and geo-inference on one scene with one model.
+
+    Every tool runs as its own process with 2 torch threads, its wall clock and its process
+    tree's peak memory measured the same way. geoseg's entries are ``geoseg_runs`` (tool label
+    -> (run label, run), measured before on the same scene and model).
+    """
+    card = read_card(model_dir)
+    tile, overlap = card.tile_size, card.overlap
+    out = cfg.out / "side-by-side"
+    logs = cfg.out / "logs"
+    tools: list[dict[str, Any]] = []
+    grid = SegmentOptions().grid_for(card, cfg.e2e_size, cfg.e2e_size)
+    for label, (run_label, run_result) in geoseg_runs.items():
+        entry = {k: v for k, v in run_result.items() if k in ("wall_s", "tree", "command")}
+        entry.update(tool=label, ok=run_result.get("ok", False))
+        if entry["ok"]:
+            mask_path = cfg.out / "runs" / run_label / scene.stem / "mask.tif"
+            mask, nodata = read_mask(mask_path)
+            entry["scene_mp_per_s"] = run_result["scene_mp_per_s"]
+            entry["mask"] = rel(mask_path)
+            entry["seams"] = seam_excess(
+                mask,
+                seam_lines(grid.row_offsets, grid.tile_height, mask.shape[0]),
+                seam_lines(grid.col_offsets, grid.tile_width, mask.shape[1]),
+                nodata,
+            )
+            entry["classes"] = np.bincount(mask.ravel(), minlength=256)[:8].tolist()
+        tools.append(entry)
+
+    plain_mask = out / "plain-loop.tif"
+    plain_mask.parent.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, "-m", "benchmarks.plain_loop", str(scene), str(model_dir)]
+    cmd += [str(plain_mask), "--tile", str(tile), "--overlap", str(overlap), "--batch", str(BATCH)]
+    log("side by side: rasterio + torch loop")
+    settle(cfg, "plain loop")
+    run = run_monitored(
+        cmd, logs / "plain-loop.log", cfg.run_timeout_s, limit_bytes=cfg.memory_limit_bytes
+    )
+    tools.append(
+        tool_entry(
+            "rasterio + torch loop",
+            run,
+            plain_mask,
+            lambda size: plain_loop.starts(size, tile, tile - overlap),
+            tile,
+        )
+    )
+
+    python = GEOINFERENCE_ENV / "bin" / "python"
+    if not python.exists():
+        log(f"side by side: no geo-inference env at {rel(GEOINFERENCE_ENV)}: "
+            "bash benchmarks/make_geoinference_env.sh builds it; skipped")  # fmt: skip
+        tools.append({"tool": "geo-inference", "ok": False, "error": "env missing"})
+    else:
+        scripted = export_torchscript(model_dir, out / "model.torchscript.pt")
+        gi_out = out / "geo-inference"
+        shutil.rmtree(gi_out, ignore_errors=True)
+        gi_out.mkdir(parents=True)
+        cmd = [str(python), "benchmarks/geoinference_runner.py", "--image", str(scene)]
+        cmd += ["--model", str(scripted), "--out-dir", str(gi_out)]
+        cmd += ["--classes", str(card.num_classes), "--tile", str(tile)]
+        cmd += ["--overlap", str(overlap), "--batch", str(BATCH), "--threads", "2"]
+        log("side by side: geo-inference")
+        settle(cfg, "geo-inference")
+        run = run_monitored(
+            cmd, logs / "geo-inference.log", cfg.run_timeout_s, limit_bytes=cfg.memory_limit_bytes
+        )
+        reported = last_json_line(logs / "geo-inference.log") if run.returncode == 0 else {}
+        mask_path = Path(reported["mask"]) if reported.get("mask") else None
+        # Patches of `tile` every tile / 2 from 0 (the image is zero-padded at the end).
+        entry = tool_entry(
+            "geo-inference 3.2.4", run, mask_path, lambda size: range(0, size, tile // 2), tile
+        )
+        entry["reported"] = reported
+        tools.append(entry)
+    for entry in tools:
+        if entry.get("ok"):
+            log(f"  {entry['tool']}: {entry['scene_mp_per_s']:.2f} MP/s, peak tree RSS "
+                f"{fmt_mib(entry['tree']['peak_tree_rss'])}, seam excess "
+                f"{entry['seams']['excess']:.2f}")  # fmt: skip
+    return {"scene": rel(scene), "model": rel(model_dir), "tile": tile, "overlap": overlap,
+            "tools": tools}  # fmt: skip
 
 
 # ----------------------------------------------------------------------------------------------
@@ -524,128 +810,147 @@ def table_rows(results: dict[str, Any]) -> list[tuple[str, str, str]]:
     rows: list[tuple[str, str, str]] = []
     cfg = results["config"]
     bench = "python -m benchmarks.run" + (" --quick" if cfg["quick"] else "")
-    if cfg["precision"] != "fp32":
-        bench += f" --precision {cfg['precision']}"
-    fwd_by_key = {(f["model_name"], f["precision"]): f for f in results["forward"]}
-    for fwd in results["forward"]:
-        rows.append(
-            (
-                f"Raw forward `model(x)`, {fwd['model_label']}, {fwd['precision']}, "
-                f"{fwd['tile'][0]}² tiles, batch {fwd['batch']}, {fwd['threads']} threads",
-                f"{fwd['raw']['mp_per_s']:.2f} MP/s" + busy(fwd["raw"]["foreign_cpu_share"]),
-                bench,
+    forward = results["forward"]
+    for fwd in forward.values():
+        for form in fwd["forms"]:
+            chosen = " **(limit)**" if form["label"] == fwd["limit"]["label"] else ""
+            rows.append(
+                (
+                    f"Raw forward, {fwd['model_label']}, {form['label']}{chosen}, "
+                    f"{fwd['tile'][0]}² tiles, batch {fwd['batch']}, {fwd['threads']} threads",
+                    f"{form['raw']['mp_per_s']:.2f} MP/s, class agreement with fp32 "
+                    f"{form['agreement']:.4%}" + busy(form["raw"]["foreign_cpu_share"]),
+                    bench,
+                )
             )
-        )
         rows.append(
             (
-                f"Actor `predict` (normalise + forward + softmax + fp16), {fwd['model_name']}, "
-                f"{fwd['precision']}",
+                f"Actor step (raw tiles in: normalise, forward, softmax, float16 out), "
+                f"{fwd['model_name']}, {fwd['limit']['label']}",
                 f"{fwd['actor_predict']['mp_per_s']:.2f} MP/s"
                 + busy(fwd["actor_predict"]["foreign_cpu_share"]),
-                bench,
+                SAME,
             )
         )
-    e2e = results.get("e2e")
-    if e2e and e2e.get("ok"):
-        raw = fwd_by_key[(cfg["e2e_model"], cfg["precision"])]["raw"]["mp_per_s"]
-        size = f"{e2e['height']:,}×{e2e['width']:,}"
+    e2e_runs = results.get("e2e", {})
+    raw = forward[cfg["e2e_model"]]["raw"]["mp_per_s"] if cfg["e2e_model"] in forward else None
+    titles = {
+        "e2e": "no CRF, no polygons",
+        "e2e-crf": "with CRF",
+        "e2e-all": "with CRF and polygons (simplified 1 px, GeoPackage)",
+        "e2e-2actors": "2 model actors (1 thread each), no CRF, no polygons",
+    }
+    for label, run in e2e_runs.items():
+        if not run.get("ok"):
+            rows.append((f"End to end, {titles[label]}", f"{run_state(run)} after "
+                         f"{run['wall_s']:.0f} s", run["command"]))  # fmt: skip
+            continue
+        assert raw is not None
+        t = run["timings_s"]
+        size = f"{run['height']:,}²" if run["height"] == run["width"] else "scene"
+        split = ", ".join(
+            f"{k.removesuffix('_s')} {t[k]:.1f}"
+            for k in ("infer_s", "crf_s", "read_s", "wait_s", "stitch_s", "cog_s", "polygons_s")
+            if t.get(k)
+        )
+        extra = f", {run['polygons']:,} polygons" if run.get("polygons") is not None else ""
         rows += [
             (
-                f"End to end, {size}, {cfg['e2e_model']}, no polygons: wall clock",
-                f"{e2e['wall_s']:.1f} s" + busy(e2e["foreign_cpu_share"], e2e),
-                e2e["command"],
+                f"End to end {size}, {titles[label]}: wall; model pixels / s (ratio to the limit)",
+                f"{run['wall_s']:.1f} s; {run['model_mp_per_s']:.2f} MP/s "
+                f"(**{run['model_mp_per_s'] / raw:.2f}**); scene "
+                f"{run['scene_mp_per_s']:.2f} MP/s" + busy(run["foreign_cpu_share"], run),
+                run["command"],
             ),
             (
-                "End to end: scene pixels / wall s (ratio to raw forward)",
-                f"{e2e['scene_mp_per_s']:.2f} MP/s ({e2e['scene_mp_per_s'] / raw:.0%})",
+                "– scene time only (without Ray/actor start, compile, exit): model pixels / s "
+                "(ratio)",
+                f"{run['model_mp_per_s_in_scene']:.2f} MP/s "
+                f"({run['model_mp_per_s_in_scene'] / raw:.2f}); outside the scene "
+                f"{run['wall_s'] - t['total_s']:.1f} s",
                 SAME,
             ),
             (
-                "End to end: model pixels (tiles × tile area) / wall s (ratio to raw forward)",
-                f"{e2e['model_mp_per_s']:.2f} MP/s ({e2e['model_mp_per_s'] / raw:.0%})",
+                "– time split (run.json, s), actors idle while streaming tiles",
+                f"{split}; idle {run['actor_idle_share_streaming']:.0%}{extra}; peak RSS tree "
+                f"{fmt_mib(run['tree']['peak_tree_rss'])}",
                 SAME,
             ),
-            (
-                f"Overlap overhead: tiles × tile area / scene pixels ({e2e['tiles']} tiles)",
-                f"{e2e['overhead_factor']:.3f}",
-                SAME,
-            ),
-            (
-                "Startup + shutdown outside the scene (Ray, actor, imports), share of wall",
-                f"{e2e['wall_s'] - e2e['timings_s']['total_s']:.1f} s "
-                f"({e2e['startup_share']:.0%}; Ray part {e2e['ray_overhead_s']:.1f} s)",
-                SAME,
-            ),
-            (
-                "Scene time only: scene pixels / `total_s` (ratio to raw forward)",
-                f"{e2e['scene_mp_per_s_in_scene']:.2f} MP/s "
-                f"({e2e['scene_mp_per_s_in_scene'] / raw:.0%})",
-                SAME,
-            ),
-            (
-                "Scene time split (run.json): actor `infer_s` / `read_s` (sum over read tasks) / "
-                "driver `wait_s` / `stitch_s` / `cog_s`",
-                " / ".join(
-                    f"{e2e['timings_s'][k]:.1f} s"
-                    for k in ("infer_s", "read_s", "wait_s", "stitch_s", "cog_s")
-                )
-                + f" (actor busy {e2e['actor_busy_share']:.0%} of `total_s`)",
-                SAME,
-            ),
-            ("Peak memory, whole tree", memory_value(e2e["tree"]), SAME),
         ]
-    poly = results.get("e2e_polygons")
-    if poly:
-        if poly.get("ok"):
-            t = poly["timings_s"]
-            value = (
-                f"{poly['wall_s']:.1f} s wall, polygons {t.get('polygons_s', 0):.1f} s, "
-                f"{poly['polygons']:,} polygons, peak tree RSS "
-                f"{fmt_mib(poly['tree']['peak_tree_rss'])}"
-            )
-        else:
-            value = f"{run_state(poly)} after {poly['wall_s']:.0f} s"
-        value += busy(poly["foreign_cpu_share"], poly)
+    if "e2e" in e2e_runs and e2e_runs["e2e"].get("ok"):
         rows.append(
-            (f"End to end with polygons ({poly.get('height', '?')}²)", value, poly["command"])
+            (
+                "Overlap overhead: model pixels / scene pixels",
+                f"{e2e_runs['e2e']['overhead_factor']:.3f} ({e2e_runs['e2e']['tiles']} tiles)",
+                SAME,
+            )
+        )
+    one, two = e2e_runs.get("e2e", {}), e2e_runs.get("e2e-2actors", {})
+    if one.get("ok") and two.get("ok"):
+        rows.append(
+            (
+                "Scaling: 2 actors / 1 actor, end-to-end throughput",
+                f"{two['model_mp_per_s'] / one['model_mp_per_s']:.2f}",
+                SAME,
+            )
         )
     mem = results.get("memory", {})
-    small, large = mem.get("small"), mem.get("large")
-    for run in (small, large):
+    for run in (mem.get("small"), mem.get("large")):
         if not run:
             continue
         if not run.get("ok"):
-            rows.append(
-                (
-                    f"Memory run {run_state(run)}",
-                    f"after {run['wall_s']:.0f} s, peak RSS tree "
-                    f"{fmt_mib(run['tree']['peak_tree_rss'])}, driver "
-                    f"{fmt_mib(run['tree']['peak_driver_rss'])}",
-                    run["command"],
-                )
-            )
+            state = f"after {run['wall_s']:.0f} s, RSS {fmt_mib(run['tree']['peak_tree_rss'])}"
+            rows.append((f"Memory run {run_state(run)}", state, run["command"]))
             continue
-        size = f"{run['height']:,}×{run['width']:,}"
         rows.append(
             (
-                f"{size}, small model, no polygons/confidence: wall; MP/s",
-                f"{run['wall_s']:.1f} s; {run['scene_mp_per_s']:.2f} MP/s"
+                f"{run['height']:,}², small model, no polygons/confidence: wall; peak memory",
+                f"{run['wall_s']:.1f} s; " + memory_value(run["tree"])
                 + busy(run["foreign_cpu_share"], run),
                 run["command"],
             )
-        )
-        rows.append((f"{size}: peak memory", memory_value(run["tree"]), SAME))
+        )  # fmt: skip
     ratios = mem.get("ratios")
     if ratios:
         rows.append(
             (
-                f"Peak memory ratio {large['height'] // 1000}k / {small['height'] // 1000}k "
-                "(goal ≤ 1.3)",
+                "Peak memory ratio large / small scene (goal ≤ 1.3)",
                 f"tree RSS {ratios['tree_rss']:.2f}, driver RSS {ratios['driver_rss']:.2f}; "
                 f"tree PSS {ratios['tree_pss']:.2f}, driver USS {ratios['driver_uss']:.2f}",
-                bench,
+                SAME,
             )
         )
+    side = results.get("side_by_side")
+    if side:
+        for tool in side["tools"]:
+            if not tool.get("ok"):
+                error = tool.get("error", "see its log")
+                rows.append((f"Side by side: {tool['tool']}", f"failed: {error}", ""))
+                continue
+            seams = tool["seams"]
+            rows.append(
+                (
+                    f"Side by side, {cfg['e2e_size']:,}², small model: {tool['tool']}",
+                    f"{tool['scene_mp_per_s']:.2f} MP/s, peak RSS tree "
+                    f"{fmt_mib(tool['tree']['peak_tree_rss'])}, class changes across tile "
+                    f"edges {seams['seam_change_rate']:.2%} vs {seams['other_change_rate']:.2%} "
+                    f"elsewhere (×{seams['excess']:.1f})",
+                    tool["command"],
+                )
+            )
+    vec = results.get("vectors")
+    if vec:
+        for fmt in ("gpkg", "parquet"):
+            r = vec[fmt]
+            rows.append(
+                (
+                    f"Polygonise + simplify 1 px, {vec['size']:,}² 6-class mask, {fmt}",
+                    f"{r['wall_s']:.1f} s ({mp(vec['size'] ** 2) / r['wall_s']:.1f} MP/s), "
+                    f"{r['polygons']:,} polygons, peak RSS {fmt_mib(r['peak_tree_rss_bytes'])}"
+                    + busy(r["foreign_cpu_share"]),
+                    f"geoseg vectorize --simplify 1px --vector-format {fmt}",
+                )
+            )
     return rows
 
 
@@ -664,7 +969,7 @@ def machine_line(results: dict[str, Any]) -> str:
     return (
         f"Machine: {info['cores']} cores ({info['cpu']}, torch CPU capability "
         f"{info['cpu_capability']}), {info['memory_gib']} GiB RAM; torch {info['torch']} with "
-        f"{info['torch_threads']} threads; precision {info['precision']}; load average "
+        f"{info['torch_threads']} threads; load average "
         f"{info['loadavg_start'][0]:.2f} at start, {info['loadavg_end'][0]:.2f} at end. {code}."
     )
 
@@ -686,17 +991,17 @@ def run_all(cfg: Config) -> dict[str, Any]:
     torch.set_num_threads(os.cpu_count() or 1)
     results: dict[str, Any] = {
         "started": datetime.now().isoformat(timespec="seconds"),
-        "machine": machine_info(cfg.precision),
+        "machine": machine_info(),
         "code_start": code_version(),
         "config": {
             "quick": cfg.quick,
-            "precision": cfg.precision,
             "e2e_size": cfg.e2e_size,
             "e2e_model": cfg.e2e_model.name,
             "mem_repeat": cfg.mem_repeat,
             "batch": BATCH,
             "raw_tiles": cfg.raw_tiles,
             "raw_passes": cfg.raw_passes,
+            "agreement_goal": AGREEMENT_GOAL,
         },
     }
 
@@ -715,32 +1020,48 @@ def run_all(cfg: Config) -> dict[str, Any]:
         spec.name: (spec, ensure_model(cfg.out, spec)) for spec in (DEFAULT_MODEL, SMALL_MODEL)
     }
 
-    precisions = ["fp32"] if cfg.precision == "fp32" else ["fp32", cfg.precision]
-    results["forward"] = []
+    # 1. Raw forward of every form; the limit of each model is its fastest form within 0.1%.
+    results["forward"] = {}
+    limits: dict[str, Form] = {}
     for spec, model_dir in models.values():
-        for precision in precisions:
-            log(f"raw forward: {spec.name} {precision}")
-            quiet = settle(cfg, "raw forward")
-            fwd = bench_forward(model_dir, scene, precision, cfg)
-            fwd["settle"], fwd["code"] = quiet, code_version()
-            fwd["model_name"], fwd["model_label"] = spec.name, spec.label
-            log(
-                f"raw forward: {fwd['raw']['mp_per_s']:.2f} MP/s; actor predict "
-                f"{fwd['actor_predict']['mp_per_s']:.2f} MP/s"
-            )
-            results["forward"].append(fwd)
-    save(results, cfg.out)
+        log(f"raw forward: {spec.name}")
+        quiet = settle(cfg, "raw forward")
+        fwd = bench_forward(model_dir, scene, cfg)
+        fwd["settle"], fwd["code"] = quiet, code_version()
+        fwd["model_name"], fwd["model_label"] = spec.name, spec.label
+        limits[spec.name] = Form(fwd["limit"]["precision"], fwd["limit"]["compile"])
+        log(
+            f"raw forward limit: {fwd['limit']['label']} {fwd['raw']['mp_per_s']:.2f} MP/s; "
+            f"actor predict {fwd['actor_predict']['mp_per_s']:.2f} MP/s"
+        )
+        results["forward"][spec.name] = fwd
+        save(results, cfg.out)
 
-    e2e_dir = models[cfg.e2e_model.name][1]
-    results["e2e"] = run_segment("e2e", scene, e2e_dir, cfg, polygons=False)
-    save(results, cfg.out)
+    # 2 and 4. End to end with the limit form: plain, with CRF, with everything; two actors.
+    e2e_dir, e2e_form = models[cfg.e2e_model.name][1], limits[cfg.e2e_model.name]
+    results["e2e"] = {}
+    for label, extra, polygons in (
+        ("e2e", (), False),
+        ("e2e-crf", ("--crf",), False),
+        ("e2e-all", ("--crf", "--simplify", "1px"), True),
+        ("e2e-2actors", ("--workers", "2"), False),
+    ):
+        if polygons and not cfg.polygons:
+            continue
+        results["e2e"][label] = run_segment(
+            label, scene, e2e_dir, cfg, form=e2e_form, polygons=polygons, extra=extra,
+            timeout_s=cfg.polygon_timeout_s if polygons else None,
+        )  # fmt: skip
+        save(results, cfg.out)
 
-    small_dir = models[SMALL_MODEL.name][1]
+    # 3. Memory, flat in scene size (small model).
+    small_dir, small_form = models[SMALL_MODEL.name][1], limits[SMALL_MODEL.name]
     mem: dict[str, Any] = {}
     for key, path in (("small", scene), ("large", vrt)):
         mem[key] = run_segment(
-            f"memory-{key}", path, small_dir, cfg, polygons=False, confidence=False
-        )
+            f"memory-{key}", path, small_dir, cfg, form=small_form, polygons=False,
+            confidence=False,
+        )  # fmt: skip
         results["memory"] = mem
         save(results, cfg.out)
     if mem["small"].get("ok") and mem["large"].get("ok"):
@@ -753,9 +1074,24 @@ def run_all(cfg: Config) -> dict[str, Any]:
         }
     save(results, cfg.out)
 
+    # 5. Side by side with the tools users would pick (small model, as memory-small, and fp32).
+    fp32_run = run_segment(
+        "side-geoseg-fp32", scene, small_dir, cfg, form=Form("fp32", False), polygons=False,
+        confidence=False,
+    )  # fmt: skip
+    geoseg_runs = {
+        f"geoseg, {small_form.label}": ("memory-small", mem["small"]),
+        "geoseg, fp32": ("side-geoseg-fp32", fp32_run),
+    }
+    results["side_by_side"] = side_by_side(scene, small_dir, geoseg_runs, cfg)
+    save(results, cfg.out)
+
+    # 6. Polygonise + simplify a 10k² mask (benchmarks.vectors).
     if cfg.polygons:
-        results["e2e_polygons"] = run_segment(
-            "e2e-polygons", scene, e2e_dir, cfg, polygons=True, timeout_s=cfg.polygon_timeout_s
+        log("vectors: geoseg vectorize --simplify 1px on a generated mask")
+        settle(cfg, "vectors")
+        results["vectors"] = vectors.main(
+            ["--size", str(cfg.e2e_size), "--out", str(cfg.out / "vectors")]
         )
     results["total_s"] = time.perf_counter() - started
     results["machine"]["loadavg_end"] = os.getloadavg()
@@ -774,7 +1110,6 @@ def main(argv: list[str] | None = None) -> None:
         help="Output folder [benchmarks/out; --quick: benchmarks/out/quick, so that a quick run "
         "never overwrites a full run's results].",
     )
-    parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
     parser.add_argument(
         "--no-polygons", action="store_true", help="Skip the end-to-end run with polygons."
     )

@@ -24,6 +24,7 @@ from rasterio.windows import Window
 
 SCENE_VERSION = 1  # bump when the pattern changes: cached scenes are keyed by it
 BAND_NAMES = ("red", "green", "blue", "nir")
+CLASSES = ("water", "vegetation", "built", "bare")
 CRS = "EPSG:32633"
 PIXEL_M = 10.0
 ORIGIN = (500_000.0, 5_200_000.0)  # upper-left corner (x, y) in UTM 33N
@@ -73,13 +74,22 @@ def value_noise(
     return np.asarray(top * (1 - fy[:, None]) + bottom * fy[:, None], dtype=np.float32)
 
 
-def scene_window(row0: int, col0: int, rows: int, cols: int, seed: int = 0) -> NDArray[np.uint8]:
-    """The scene's pixels ``(4, rows, cols)`` uint8 on a window, from global coordinates only."""
-    field = (
+def _field(row0: int, col0: int, rows: int, cols: int, seed: int) -> NDArray[np.float32]:
+    return (
         0.55 * value_noise(row0, col0, rows, cols, 700, seed)
         + 0.30 * value_noise(row0, col0, rows, cols, 160, seed + 1)
         + 0.15 * value_noise(row0, col0, rows, cols, 40, seed + 2)
     )
+
+
+def scene_classes(row0: int, col0: int, rows: int, cols: int, seed: int = 0) -> NDArray[np.int64]:
+    """The land-cover class (index into ``CLASSES``) the scene paints on a window."""
+    return np.digitize(_field(row0, col0, rows, cols, seed), _THRESHOLDS)
+
+
+def scene_window(row0: int, col0: int, rows: int, cols: int, seed: int = 0) -> NDArray[np.uint8]:
+    """The scene's pixels ``(4, rows, cols)`` uint8 on a window, from global coordinates only."""
+    field = _field(row0, col0, rows, cols, seed)
     classes = np.digitize(field, _THRESHOLDS)
     texture = value_noise(row0, col0, rows, cols, 6, seed + 3) - 0.5
     image = _PALETTE[classes].transpose(2, 0, 1)  # (4, rows, cols)

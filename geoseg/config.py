@@ -25,6 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from geoseg.errors import ConfigError
 from geoseg.io.storage import S3Settings
 from geoseg.measure import Quantity, parse_area, parse_length
+from geoseg.models.card import Precision
 
 
 class _Strict(BaseModel):
@@ -131,7 +132,8 @@ class Runtime(_Strict):
     gpus_per_worker: float = Field(1.0, gt=0, le=8)
     tiles_in_flight: int | None = Field(None, gt=0)
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    precision: Literal["fp32", "bf16"] = "fp32"
+    precision: Precision = "fp32"  # autocast; the model card lists the allowed ones
+    compile: bool = False  # torch.compile the model (static shapes; first scene pays the compile)
     fail_fast: bool = False  # stop at the first failed scene (the exit code says so either way)
     lock_ttl_s: float = Field(600.0, ge=10)  # a lock not refreshed this long is stale
 

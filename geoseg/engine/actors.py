@@ -19,15 +19,18 @@ import ray
 import torch
 from numpy.typing import NDArray
 
-from geoseg.crf import CRFParams, crf_refine
+from geoseg.crf import CRFParams, crf_refine, crf_refine_tiled
+from geoseg.engine.predict import Predictor
 from geoseg.io.cog import mask_dtype
 from geoseg.io.rasters import SceneInfo, read_tile
-from geoseg.models.store import load_model, normalize
+from geoseg.models.store import normalize
 from geoseg.tiling.bands import Band
 from geoseg.tiling.blend import classes_and_confidence
 from geoseg.tiling.grid import Tile
 
 log = logging.getLogger(__name__)
+
+CRF_CPU_TILE = 1024  # 286-row bands x 10k columns, 4 classes: 6.8 MP/s at 1024, 3.3 whole
 
 
 @ray.remote(num_cpus=0.1, max_retries=3)
@@ -42,33 +45,27 @@ def read_batch(
     return data, valid, time.perf_counter() - start
 
 
-def choose_device(requested: str) -> torch.device:
-    """``auto`` picks CUDA when this process sees a GPU, else the CPU."""
-    if requested == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if requested == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("--device cuda was requested but no CUDA device is visible to the actor")
-    return torch.device(requested)
-
-
 class SegmentationWorker:
-    """Holds one model on one device. Created as a Ray actor by :func:`make_worker_class`."""
+    """Holds one :class:`Predictor`. Created as a Ray actor by :class:`WorkerPool`."""
 
-    def __init__(self, model_dir: str, device: str, precision: str, threads: int) -> None:
+    def __init__(
+        self,
+        model_dir: str,
+        device: str,
+        precision: str,
+        threads: int,
+        compile: bool = False,
+        batch_size: int | None = None,
+    ) -> None:
         if threads > 0:
             torch.set_num_threads(threads)
-        self.card, model, self.weights_sha256 = load_model(Path(model_dir))
-        self.device = choose_device(device)
-        self.model = model.to(self.device)
-        if self.device.type == "cpu":
-            self.model = self.model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
-        self.precision = precision
-        log.info("model %s on %s (%s)", self.card.name, self.device, precision)
+        self.predictor = Predictor(Path(model_dir), device, precision, compile, batch_size)
+        self.card = self.predictor.card
+        self.device = self.predictor.device
 
     def ready(self) -> dict[str, Any]:
-        return {"device": str(self.device), "weights_sha256": self.weights_sha256}
+        return {"device": str(self.device), "weights_sha256": self.predictor.weights_sha256}
 
-    @torch.inference_mode()
     def predict(
         self, batch: tuple[NDArray[np.generic], NDArray[np.bool_], float]
     ) -> tuple[NDArray[np.float16] | None, NDArray[np.bool_], dict[str, float]]:
@@ -82,17 +79,12 @@ class SegmentationWorker:
         has_data = valid.reshape(len(valid), -1).any(axis=1)
         if not has_data.any():
             return None, valid, {"read_s": read_s, "infer_s": 0.0, "tiles_skipped": len(valid)}
-        x = torch.from_numpy(np.ascontiguousarray(data[has_data])).to(self.device)
-        x = normalize(x, self.card)
-        if self.device.type == "cpu":
-            x = x.contiguous(memory_format=torch.channels_last)
-        with torch.autocast(
-            self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16"
-        ):
-            logits = self.model(x)
-        probs = torch.softmax(logits.float(), dim=1).to(torch.float16).cpu().numpy()
-        out = np.zeros((len(valid), *probs.shape[1:]), dtype=np.float16)
-        out[has_data] = probs
+        if has_data.all():
+            out = self.predictor.probabilities(data)
+        else:
+            probs = self.predictor.probabilities(data[has_data])
+            out = np.zeros((len(valid), *probs.shape[1:]), dtype=np.float16)
+            out[has_data] = probs
         stats = {
             "read_s": read_s,
             "infer_s": time.perf_counter() - start,
@@ -129,7 +121,13 @@ class SegmentationWorker:
         else:
             probs = torch.from_numpy(np.array(band.probs)).to(self.device)
             valid = torch.from_numpy(np.array(band.valid)).to(self.device)
-            refined = crf_refine(probs, features.to(self.device), valid, params).cpu().numpy()
+            features = features.to(self.device)
+            if self.device.type == "cpu":
+                # Pieces of the band that fit the CPU's caches (exact: crf_refine_tiled keeps the
+                # CRF's halo): 2x faster than the whole 10k-wide band at once on this CPU.
+                refined = crf_refine_tiled(probs, features, valid, params, CRF_CPU_TILE).numpy()
+            else:
+                refined = crf_refine(probs, features, valid, params).cpu().numpy()
         core = slice(band.halo_top, band.halo_top + band.rows)
         dtype, nodata = mask_dtype(self.card.num_classes)
         ids, confidence = classes_and_confidence(refined[:, core], band.valid[core], nodata, dtype)

@@ -147,6 +147,7 @@ def segment_options(config: JobConfig, overwrite: bool, progress: bool) -> Segme
         gpus_per_worker=config.runtime.gpus_per_worker,
         device=config.runtime.device,
         precision=config.runtime.precision,
+        compile=config.runtime.compile,
         tiles_in_flight=config.runtime.tiles_in_flight,
         confidence=config.outputs.confidence,
         polygons=config.outputs.polygons.enabled,

@@ -57,6 +57,7 @@ class SegmentOptions:
     gpus_per_worker: float = 1.0
     device: str = "auto"
     precision: str = "fp32"
+    compile: bool = False
     tiles_in_flight: int | None = (
         None  # batches between reading and stitching; None: 2 per worker + 1
     )
@@ -118,6 +119,8 @@ class WorkerPool:
         use_gpu = options.device in ("auto", "cuda") and gpus >= 1
         if options.device == "cuda" and not use_gpu:
             raise ConfigError("--device cuda was requested but the Ray cluster has no GPU")
+        if options.precision == "fp16" and not use_gpu:
+            raise ConfigError("--precision fp16 needs a GPU and the Ray cluster has none: use bf16")
         count = options.workers or (max(1, int(gpus // options.gpus_per_worker)) if use_gpu else 1)
         cpus = cluster_cpus()
         # Fractional CPUs: actors holding whole CPUs would starve the read tasks (Ray then waits
@@ -131,7 +134,12 @@ class WorkerPool:
         )
         self.actors: list[Any] = [
             actor_cls.remote(  # type: ignore[attr-defined]
-                str(model_dir), "cuda" if use_gpu else options.device, options.precision, threads
+                str(model_dir),
+                "cuda" if use_gpu else options.device,
+                options.precision,
+                threads,
+                options.compile,
+                options.batch_size,
             )
             for _ in range(count)
         ]

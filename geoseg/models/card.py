@@ -27,6 +27,9 @@ from pydantic import (
 
 from geoseg.errors import ConfigError, ModelCardError
 
+# Autocast precisions a run may ask for (geoseg.engine.predict); a card lists its model's.
+Precision = Literal["fp32", "bf16", "fp16"]
+
 CARD_FILE = "model.yaml"
 WEIGHTS_FILE = "weights.safetensors"
 
@@ -169,7 +172,7 @@ class ModelCard(BaseModel):
     crf: CRFSettings = CRFSettings()
     # Precisions that keep the class map within 0.1% of fp32 (as measured for this model); others
     # are refused rather than silently changing the map.
-    precisions: list[Literal["fp32", "bf16"]] = ["fp32", "bf16"]
+    precisions: list[Precision] = ["fp32", "bf16", "fp16"]
     description: str = ""
 
     def check_precision(self, precision: str) -> None:

@@ -1,0 +1,112 @@
+"""One model on one device turning batches of raw tiles into class probabilities (no Ray here).
+
+:class:`Predictor` is what a model actor holds; it imports only torch and numpy, so the GPU check
+(``benchmarks/gpu_check.py``) runs the very same code on a bare GPU machine.
+
+Speed options, each kept only where the class map stays within 0.1% of fp32 (the card's
+``precisions`` say which the model allows):
+
+* ``precision``: ``bf16`` or ``fp16`` autocast (fp16 on CUDA only: CPUs without AMX-FP16 run it
+  slower than fp32). Probabilities are always computed in float32 from the logits.
+* ``compile``: ``torch.compile`` (inductor). Shapes are kept static: a short last batch is padded
+  to the batch size, so one scene compiles once (the inductor cache on disk makes later processes
+  start in seconds).
+* channels_last memory format on the CPU and under autocast on CUDA (where it pays off).
+
+On CUDA the probabilities come back through a reused page-locked host buffer: copying them into
+freshly allocated pageable memory took 3x longer than the forward pass itself (H100,
+``benchmarks/README.md``).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from numpy.typing import NDArray
+
+from geoseg.errors import ConfigError
+from geoseg.models.store import load_model, normalize
+
+log = logging.getLogger(__name__)
+
+AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def choose_device(requested: str) -> torch.device:
+    """``auto`` picks CUDA when this process sees a GPU, else the CPU."""
+    if requested == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("--device cuda was requested but no CUDA device is visible to the actor")
+    return torch.device(requested)
+
+
+class Predictor:
+    """Normalise, forward, softmax: raw tiles ``(B, bands, H, W)`` to float16 probabilities."""
+
+    def __init__(
+        self,
+        model_dir: Path,
+        device: str = "auto",
+        precision: str = "fp32",
+        compile: bool = False,
+        batch_size: int | None = None,
+    ) -> None:
+        self.card, model, self.weights_sha256 = load_model(model_dir)
+        self.card.check_precision(precision)
+        self.device = choose_device(device)
+        if precision == "fp16" and self.device.type != "cuda":
+            raise ConfigError(
+                f"model {self.card.name!r}: fp16 autocast needs a CUDA device (this one is "
+                f"{self.device}); use bf16 on the CPU"
+            )
+        self.precision = precision
+        self.channels_last = self.device.type == "cpu" or precision in AUTOCAST
+        model = model.to(self.device)
+        if self.channels_last:
+            model = model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+        self.model: Any = torch.compile(model, dynamic=False) if compile else model
+        self.compiled = compile
+        self.batch_size = batch_size
+        self._host: torch.Tensor | None = None  # reused page-locked buffer (CUDA)
+        log.info(
+            "model %s on %s (%s%s)",
+            self.card.name, self.device, precision, ", compiled" if compile else "",
+        )  # fmt: skip
+
+    @torch.inference_mode()
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """The model on a normalised batch on this device, under the configured autocast."""
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        dtype = AUTOCAST.get(self.precision)
+        with torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None):
+            out: torch.Tensor = self.model(x)
+        return out
+
+    @torch.inference_mode()
+    def probabilities(self, data: NDArray[np.generic]) -> NDArray[np.float16]:
+        """Class probabilities ``(B, classes, H, W)`` float16 of raw tiles ``(B, bands, H, W)``.
+
+        The array may be a view of a buffer reused by the next call: the caller copies it (a Ray
+        actor does so when it stores its return value) before calling again.
+        """
+        count = len(data)
+        x = torch.from_numpy(np.ascontiguousarray(data)).to(self.device, non_blocking=True)
+        if self.compiled and self.batch_size and count < self.batch_size:
+            # A new batch size would compile the graph again (tens of seconds on a CPU).
+            x = torch.cat([x, x.new_zeros((self.batch_size - count, *x.shape[1:]))])
+        logits = self.logits(normalize(x, self.card))[:count]
+        probs = torch.softmax(logits.float(), dim=1).to(torch.float16)
+        if self.device.type != "cuda":
+            return probs.numpy()
+        if self._host is None or self._host.numel() < probs.numel():
+            self._host = torch.empty(probs.numel(), dtype=torch.float16, pin_memory=True)
+        host = self._host[: probs.numel()].view(probs.shape)
+        host.copy_(probs, non_blocking=True)
+        torch.cuda.current_stream(self.device).synchronize()
+        return host.numpy()

@@ -1,0 +1,100 @@
+"""The model step (geoseg.engine.predict.Predictor): eager, autocast and compiled forms."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import rasterio
+import torch
+import yaml
+from conftest import AERIAL
+
+from geoseg.engine.job import segment
+from geoseg.engine.predict import Predictor
+from geoseg.engine.scene import SegmentOptions
+from geoseg.errors import ConfigError
+from geoseg.models.store import load_model, normalize
+
+SCENE = AERIAL / "23322E759967N_clipped_1m_1of2.tif"  # 341 x 280 RGB
+
+
+def _tiles(count: int, size: int = 128) -> np.ndarray:
+    """``count`` real RGB tiles (uint8, ``(count, 3, size, size)``) from the aerial scene."""
+    with rasterio.open(SCENE) as src:
+        image = src.read()
+    starts = [(r, c) for r in (0, 100, 200) for c in (0, 80, 150)][:count]
+    return np.stack([image[:, r : r + size, c : c + size] for r, c in starts])
+
+
+@pytest.fixture(autouse=True)
+def _two_threads() -> None:
+    torch.set_num_threads(2)
+
+
+def test_probabilities_are_the_models_softmax(trained_aerial_model: Path) -> None:
+    data = _tiles(3)
+    card, model, _ = load_model(trained_aerial_model)
+    with torch.inference_mode():
+        expected = torch.softmax(model(normalize(torch.from_numpy(data), card)), dim=1).numpy()
+    probs = Predictor(trained_aerial_model, "cpu").probabilities(data)
+    assert probs.dtype == np.float16 and probs.shape == (3, 5, 128, 128)
+    np.testing.assert_allclose(probs.astype(np.float32), expected, atol=1e-3)
+
+
+def test_compiled_model_pads_a_short_batch_and_compiles_once(trained_aerial_model: Path) -> None:
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    eager = Predictor(trained_aerial_model, "cpu")
+    compiled = Predictor(trained_aerial_model, "cpu", compile=True, batch_size=4)
+    for count in (4, 3, 1):  # a full batch, then short ones (a scene's last batch)
+        data = _tiles(count)
+        got = compiled.probabilities(data)
+        want = eager.probabilities(data)
+        assert got.shape == want.shape == (count, 5, 128, 128)
+        assert (got.argmax(1) == want.argmax(1)).mean() >= 0.9999
+        np.testing.assert_allclose(got.astype(np.float32), want.astype(np.float32), atol=2e-3)
+    assert counters["stats"]["unique_graphs"] == 1
+
+
+def test_bf16_autocast_keeps_the_class_map(trained_aerial_model: Path) -> None:
+    data = _tiles(9)
+    fp32 = Predictor(trained_aerial_model, "cpu").probabilities(data).argmax(1)
+    bf16 = Predictor(trained_aerial_model, "cpu", "bf16").probabilities(data).argmax(1)
+    agreement = (bf16 == fp32).mean()
+    assert 0.995 <= agreement < 1.0, agreement  # bf16 really ran, and changed next to nothing
+
+
+def test_precisions_the_card_or_the_device_cannot_run_are_refused(
+    trained_aerial_model: Path, tmp_path: Path
+) -> None:
+    with pytest.raises(ConfigError, match=r"fp16 autocast needs a CUDA device.*use bf16"):
+        Predictor(trained_aerial_model, "cpu", "fp16")
+    model = tmp_path / "fp32-only"
+    model.mkdir()
+    card = yaml.safe_load((trained_aerial_model / "model.yaml").read_text())
+    card["precisions"] = ["fp32"]
+    (model / "model.yaml").write_text(yaml.safe_dump(card))
+    (model / "weights.safetensors").symlink_to(trained_aerial_model / "weights.safetensors")
+    with pytest.raises(ConfigError, match="precision 'bf16' changes its class map"):
+        Predictor(model, "cpu", "bf16")
+
+
+def test_segment_with_a_compiled_model_matches_eager(
+    ray_local: None, trained_aerial_model: Path, tmp_path: Path
+) -> None:
+    masks = {}
+    for label, compile in (("eager", False), ("compiled", True)):
+        options = SegmentOptions(progress=False, polygons=False, compile=compile)
+        results = segment([str(SCENE)], trained_aerial_model, tmp_path / label, options)
+        assert [r.status for r in results] == ["ok"], [r.error for r in results]
+        with rasterio.open(tmp_path / label / SCENE.stem / "mask.tif") as src:
+            masks[label] = src.read(1)
+        run = json.loads((tmp_path / label / "run.json").read_text())
+        assert run["parameters"]["compile"] is compile
+    assert masks["compiled"].shape == (341, 280)
+    assert (masks["compiled"] == masks["eager"]).mean() >= 0.9999
