@@ -1,18 +1,30 @@
-"""geoseg benchmark: raw model throughput, end-to-end ``geoseg segment``, process-tree memory.
+"""geoseg benchmark: the model's limit, end-to-end ``geoseg segment``, memory, the peer tools.
 
 Usage (from the repository root)::
 
-    python -m benchmarks.run [--quick] [--out benchmarks/out] [--precision fp32|bf16]
+    python -m benchmarks.run [--quick] [--out benchmarks/out]
 
-In one run it measures
+In one run, with the same models, tiles and thread count throughout, it measures
 
-1. the raw forward throughput of the model in this process (``model(x)`` under
-   ``torch.inference_mode`` on pre-read, pre-normalised 512 x 512 tiles, channels_last, all cores),
-   the upper bound of what the pipeline can reach; plus the actor's whole ``predict`` step;
-2. ``geoseg segment`` end to end on a generated scene (10k x 10k, 4 bands uint8), as a subprocess,
-   honest wall clock, with the split of its time from ``run.json``;
-3. the peak memory of the whole process tree (driver, GCS, raylet, workers) for a 10k x 10k scene
-   and a 40k x 40k one (a VRT mosaic of the first), with a small model.
+1. the raw forward throughput of each benchmark model (U-Nets trained briefly on the generated
+   scene's own classes, so that their decisions are as stable as a real model's) in every form
+   the pipeline offers (fp32, bf16 autocast, each eager and ``torch.compile``d), with each form's
+   class-map agreement with eager fp32. The *limit* is the fastest form within 0.1% of fp32;
+   the actor's whole step is timed in that form too;
+2. ``geoseg segment`` end to end in the limit form on a generated 10k x 10k 4-band scene, as a
+   subprocess (honest wall clock): without CRF and polygons, with the CRF, with the CRF and
+   simplified polygons; throughput in model pixels (tiles x tile area) and scene pixels, the
+   ratio to (1), and the time split from ``run.json``;
+3. the peak memory of the whole process tree for the 10k scene and a 40k x 40k one (a VRT mosaic
+   of the first), with the small model;
+4. 1 vs 2 model actors, and the share of the time the actors sit idle waiting for tiles;
+5. side by side on the 10k scene with the small model: geoseg, a plain rasterio + torch
+   sliding-window loop (``benchmarks.plain_loop``) and NRCan's geo-inference 3.2.4 (its own
+   venv, ``benchmarks/make_geoinference_env.sh``; the same weights exported to TorchScript):
+   throughput, peak memory, and how much more often the class changes across each tool's tile
+   edges than elsewhere (seams);
+6. ``geoseg vectorize --simplify 1px`` on a generated 10k x 10k 6-class mask
+   (``benchmarks.vectors``).
 
 Prints a Markdown table ready for the README and writes ``OUT/results.json``. ``--quick`` runs a
 reduced version (4k and 8k scenes, the small model end to end) to check the harness in minutes.
@@ -199,8 +211,10 @@ def ensure_model(out: Path, spec: ModelSpec) -> Path:
     labels = scene_classes(0, 0, size, size).astype(np.uint8)
     t0 = time.perf_counter()
     losses = fit(model, card, image, labels, steps=TRAIN_STEPS, crop=128, batch_size=4)
-    log(f"trained {spec.name}: {TRAIN_STEPS} steps in {time.perf_counter() - t0:.0f} s, "
-        f"loss {losses[0]:.3f} -> {statistics.mean(losses[-10:]):.3f}")  # fmt: skip
+    log(
+        f"trained {spec.name}: {TRAIN_STEPS} steps in {time.perf_counter() - t0:.0f} s, "
+        f"loss {losses[0]:.3f} -> {statistics.mean(losses[-10:]):.3f}"
+    )
     save_model(model, card, tmp, overwrite=True)
     tmp.replace(model_dir)
     return model_dir
@@ -641,16 +655,20 @@ def read_mask(path: Path) -> tuple[np.ndarray, int]:
 
 
 def tool_entry(
-    label: str, run: MonitoredRun, mask_path: Path | None, offsets: Callable[[int], Sequence[int]],
+    label: str,
+    run: MonitoredRun,
+    mask_path: Path | None,
+    offsets: Callable[[int], Sequence[int]],
     tile: int,
-) -> dict[str, Any]:  # fmt: skip
+) -> dict[str, Any]:
     """Throughput, memory and seams of one tool's run; ``offsets(size)``: its windows' offsets."""
     entry: dict[str, Any] = {
         "tool": label,
         **run.to_json(),
-        "command": printable(run.command) if run.command[:3] == [sys.executable, "-m", "geoseg"]
+        "command": printable(run.command)
+        if run.command[:3] == [sys.executable, "-m", "geoseg"]
         else " ".join(rel(Path(w)) if os.sep in w else w for w in run.command),
-    }  # fmt: skip
+    }
     entry["ok"] = run.returncode == 0 and mask_path is not None and mask_path.exists()
     if not entry["ok"]:
         return entry
@@ -733,8 +751,10 @@ def side_by_side(
 
     python = GEOINFERENCE_ENV / "bin" / "python"
     if not python.exists():
-        log(f"side by side: no geo-inference env at {rel(GEOINFERENCE_ENV)}: "
-            "bash benchmarks/make_geoinference_env.sh builds it; skipped")  # fmt: skip
+        log(
+            f"side by side: no geo-inference env at {rel(GEOINFERENCE_ENV)}: "
+            "bash benchmarks/make_geoinference_env.sh builds it; skipped"
+        )
         tools.append({"tool": "geo-inference", "ok": False, "error": "env missing"})
     else:
         scripted = export_torchscript(model_dir, out / "model.torchscript.pt")
@@ -760,11 +780,18 @@ def side_by_side(
         tools.append(entry)
     for entry in tools:
         if entry.get("ok"):
-            log(f"  {entry['tool']}: {entry['scene_mp_per_s']:.2f} MP/s, peak tree RSS "
+            log(
+                f"  {entry['tool']}: {entry['scene_mp_per_s']:.2f} MP/s, peak tree RSS "
                 f"{fmt_mib(entry['tree']['peak_tree_rss'])}, seam excess "
-                f"{entry['seams']['excess']:.2f}")  # fmt: skip
-    return {"scene": rel(scene), "model": rel(model_dir), "tile": tile, "overlap": overlap,
-            "tools": tools}  # fmt: skip
+                f"{entry['seams']['excess']:.2f}"
+            )
+    return {
+        "scene": rel(scene),
+        "model": rel(model_dir),
+        "tile": tile,
+        "overlap": overlap,
+        "tools": tools,
+    }
 
 
 # ----------------------------------------------------------------------------------------------
@@ -842,8 +869,13 @@ def table_rows(results: dict[str, Any]) -> list[tuple[str, str, str]]:
     }
     for label, run in e2e_runs.items():
         if not run.get("ok"):
-            rows.append((f"End to end, {titles[label]}", f"{run_state(run)} after "
-                         f"{run['wall_s']:.0f} s", run["command"]))  # fmt: skip
+            rows.append(
+                (
+                    f"End to end, {titles[label]}",
+                    f"{run_state(run)} after {run['wall_s']:.0f} s",
+                    run["command"],
+                )
+            )
             continue
         assert raw is not None
         t = run["timings_s"]
@@ -905,11 +937,12 @@ def table_rows(results: dict[str, Any]) -> list[tuple[str, str, str]]:
         rows.append(
             (
                 f"{run['height']:,}², small model, no polygons/confidence: wall; peak memory",
-                f"{run['wall_s']:.1f} s; " + memory_value(run["tree"])
+                f"{run['wall_s']:.1f} s; "
+                + memory_value(run["tree"])
                 + busy(run["foreign_cpu_share"], run),
                 run["command"],
             )
-        )  # fmt: skip
+        )
     ratios = mem.get("ratios")
     if ratios:
         rows.append(
@@ -1049,9 +1082,15 @@ def run_all(cfg: Config) -> dict[str, Any]:
         if polygons and not cfg.polygons:
             continue
         results["e2e"][label] = run_segment(
-            label, scene, e2e_dir, cfg, form=e2e_form, polygons=polygons, extra=extra,
+            label,
+            scene,
+            e2e_dir,
+            cfg,
+            form=e2e_form,
+            polygons=polygons,
+            extra=extra,
             timeout_s=cfg.polygon_timeout_s if polygons else None,
-        )  # fmt: skip
+        )
         save(results, cfg.out)
 
     # 3. Memory, flat in scene size (small model).
@@ -1059,9 +1098,14 @@ def run_all(cfg: Config) -> dict[str, Any]:
     mem: dict[str, Any] = {}
     for key, path in (("small", scene), ("large", vrt)):
         mem[key] = run_segment(
-            f"memory-{key}", path, small_dir, cfg, form=small_form, polygons=False,
+            f"memory-{key}",
+            path,
+            small_dir,
+            cfg,
+            form=small_form,
+            polygons=False,
             confidence=False,
-        )  # fmt: skip
+        )
         results["memory"] = mem
         save(results, cfg.out)
     if mem["small"].get("ok") and mem["large"].get("ok"):
@@ -1076,9 +1120,14 @@ def run_all(cfg: Config) -> dict[str, Any]:
 
     # 5. Side by side with the tools users would pick (small model, as memory-small, and fp32).
     fp32_run = run_segment(
-        "side-geoseg-fp32", scene, small_dir, cfg, form=Form("fp32", False), polygons=False,
+        "side-geoseg-fp32",
+        scene,
+        small_dir,
+        cfg,
+        form=Form("fp32", False),
+        polygons=False,
         confidence=False,
-    )  # fmt: skip
+    )
     geoseg_runs = {
         f"geoseg, {small_form.label}": ("memory-small", mem["small"]),
         "geoseg, fp32": ("side-geoseg-fp32", fp32_run),
@@ -1111,7 +1160,7 @@ def main(argv: list[str] | None = None) -> None:
         "never overwrites a full run's results].",
     )
     parser.add_argument(
-        "--no-polygons", action="store_true", help="Skip the end-to-end run with polygons."
+        "--no-polygons", action="store_true", help="Skip the runs that make polygons."
     )
     parser.add_argument(
         "--polygon-timeout",
