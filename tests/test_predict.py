@@ -98,3 +98,12 @@ def test_segment_with_a_compiled_model_matches_eager(
         assert run["parameters"]["compile"] is compile
     assert masks["compiled"].shape == (341, 280)
     assert (masks["compiled"] == masks["eager"]).mean() >= 0.9999
+
+
+def test_fp16_on_a_cluster_without_gpus_is_refused_before_any_work(
+    ray_local: None, trained_aerial_model: Path, tmp_path: Path
+) -> None:
+    options = SegmentOptions(progress=False, polygons=False, precision="fp16")
+    with pytest.raises(ConfigError, match="fp16 needs a GPU and the Ray cluster has none"):
+        segment([str(SCENE)], trained_aerial_model, tmp_path / "out", options)
+    assert list((tmp_path / "out").iterdir()) == []
