@@ -107,3 +107,13 @@ def test_fp16_on_a_cluster_without_gpus_is_refused_before_any_work(
     with pytest.raises(ConfigError, match="fp16 needs a GPU and the Ray cluster has none"):
         segment([str(SCENE)], trained_aerial_model, tmp_path / "out", options)
     assert list((tmp_path / "out").iterdir()) == []
+
+
+def test_read_tasks_do_not_import_torch() -> None:
+    """A Ray worker imports the module of the task it runs: torch there costs ~300 MiB each."""
+    import subprocess
+    import sys
+
+    code = "import sys, geoseg.engine.reads; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"

@@ -1,10 +1,9 @@
 """Model actors: each loads the model once onto its device and turns tile batches into
-probabilities.
+probabilities (and refines bands of them with the CRF).
 
-Tiles travel as (scene, tile windows); Ray read tasks open the raster themselves, so nothing large
-is ``ray.put`` from the driver and every object can be rebuilt if a worker dies. A batch's read task
-runs while the actor is busy with the previous batch: reading, inference and the driver's blending
-and writing overlap.
+The tiles come from read tasks (:mod:`geoseg.engine.reads`); a batch's read task runs while the
+actor is busy with the previous batch: reading, inference and the driver's blending and writing
+overlap.
 """
 
 from __future__ import annotations
@@ -15,7 +14,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import ray
 import torch
 from numpy.typing import NDArray
 
@@ -26,23 +24,10 @@ from geoseg.io.rasters import SceneInfo, read_tile
 from geoseg.models.store import normalize
 from geoseg.tiling.bands import Band
 from geoseg.tiling.blend import classes_and_confidence
-from geoseg.tiling.grid import Tile
 
 log = logging.getLogger(__name__)
 
 CRF_CPU_TILE = 1024  # 286-row bands x 10k columns, 4 classes: 6.8 MP/s at 1024, 3.3 whole
-
-
-@ray.remote(num_cpus=0.1, max_retries=3)
-def read_batch(
-    scene: SceneInfo, tiles: list[Tile]
-) -> tuple[NDArray[np.generic], NDArray[np.bool_], float]:
-    """Read a batch of tiles: raw values ``(B, bands, H, W)``, validity ``(B, H, W)``, seconds."""
-    start = time.perf_counter()
-    parts = [read_tile(scene, t.row_off, t.col_off, t.height, t.width) for t in tiles]
-    data = np.stack([p[0] for p in parts])
-    valid = np.stack([p[1] for p in parts])
-    return data, valid, time.perf_counter() - start
 
 
 class SegmentationWorker:

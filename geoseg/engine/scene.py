@@ -22,7 +22,8 @@ from numpy.typing import NDArray
 from tqdm import tqdm
 
 from geoseg.crf import CRFParams
-from geoseg.engine.actors import SegmentationWorker, read_batch
+from geoseg.engine.actors import SegmentationWorker
+from geoseg.engine.reads import read_batch
 from geoseg.engine.runtime import cluster_cpus, cluster_gpus
 from geoseg.errors import ConfigError
 from geoseg.io.cog import ClassRasterWriter, mask_dtype
