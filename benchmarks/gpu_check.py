@@ -1,7 +1,8 @@
 """GPU check: geoseg's models and CRF on CUDA; what mixed precision costs in class agreement.
 
-Self-contained on purpose: it imports only ``geoseg.models``, ``geoseg.crf`` and torch/numpy (plus
-what those import: safetensors, yaml, pydantic), not Ray or rasterio, so it runs on a bare GPU box.
+Self-contained on purpose: it imports only ``geoseg.models``, ``geoseg.engine.predict``,
+``geoseg.crf`` and torch/numpy (plus what those import: safetensors, yaml, pydantic), not Ray or
+rasterio, so it runs on a bare GPU box.
 Its settings mirror ``geoseg.engine.predict.Predictor`` (normalise on the device, autocast, softmax
 in float32, class = argmax); the ``actor-*`` rows time the Predictor itself (numpy in, float16
 probabilities back on the host, as the actor returns them).

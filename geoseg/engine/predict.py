@@ -74,12 +74,11 @@ class Predictor:
         self.batch_size = batch_size
         # Compiled on first use, each as one graph: the forward alone (the benchmarks' raw
         # forward) and the actors' whole step, normalisation and softmax fused with the model.
-        self._forward: Any = (
-            torch.compile(self._forward_eager, dynamic=False) if compile else (self._forward_eager)
-        )
-        self._step: Any = (
-            torch.compile(self._step_eager, dynamic=False) if compile else (self._step_eager)
-        )
+        self._forward: Any = self._forward_eager
+        self._step: Any = self._step_eager
+        if compile:
+            self._forward = torch.compile(self._forward_eager, dynamic=False)
+            self._step = torch.compile(self._step_eager, dynamic=False)
         self._host: torch.Tensor | None = None  # reused page-locked buffer (CUDA)
         log.info(
             "model %s on %s (%s%s)",
