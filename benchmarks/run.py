@@ -630,14 +630,12 @@ def seam_excess(mask: np.ndarray, rows: list[int], cols: list[int], nodata: int)
         changed = (a != b) & valid
         on_seam = np.zeros(mask.shape[axis] - 1, dtype=bool)
         on_seam[np.asarray(lines, dtype=int) - 1] = True
-        seam = on_seam[None, :] if axis == 1 else on_seam[:, None]
         per_line_valid = valid.sum(axis=0 if axis == 1 else 1)
         per_line_changed = changed.sum(axis=0 if axis == 1 else 1)
         counts["seam_pairs"] += int(per_line_valid[on_seam].sum())
         counts["seam_changes"] += int(per_line_changed[on_seam].sum())
         counts["other_pairs"] += int(per_line_valid[~on_seam].sum())
         counts["other_changes"] += int(per_line_changed[~on_seam].sum())
-        del seam
     seam_rate = counts["seam_changes"] / max(counts["seam_pairs"], 1)
     other_rate = counts["other_changes"] / max(counts["other_pairs"], 1)
     return {
@@ -648,10 +646,25 @@ def seam_excess(mask: np.ndarray, rows: list[int], cols: list[int], nodata: int)
     }
 
 
-def read_mask(path: Path) -> tuple[np.ndarray, int]:
+def mask_figures(
+    path: Path, row_offsets: Sequence[int], col_offsets: Sequence[int], tile_h: int, tile_w: int
+) -> dict[str, Any]:
+    """Seams (at the edges of windows at these offsets) and class counts of a class mask."""
     with rasterio.open(path) as src:
         nodata = 255 if src.nodata is None else int(src.nodata)
-        return src.read(1), nodata
+        mask = src.read(1)
+    height, width = mask.shape
+    return {
+        "mask": rel(path),
+        "pixels": height * width,
+        "seams": seam_excess(
+            mask,
+            seam_lines(row_offsets, tile_h, height),
+            seam_lines(col_offsets, tile_w, width),
+            nodata,
+        ),
+        "classes": np.bincount(mask.ravel(), minlength=256)[:8].tolist(),
+    }
 
 
 def tool_entry(
@@ -673,17 +686,10 @@ def tool_entry(
     if not entry["ok"]:
         return entry
     assert mask_path is not None
-    mask, nodata = read_mask(mask_path)
-    height, width = mask.shape
-    entry["mask"] = rel(mask_path)
-    entry["scene_mp_per_s"] = mp(height * width) / run.wall_s
-    entry["seams"] = seam_excess(
-        mask,
-        seam_lines(offsets(height), tile, height),
-        seam_lines(offsets(width), tile, width),
-        nodata,
-    )
-    entry["classes"] = np.bincount(mask.ravel(), minlength=256)[:8].tolist()
+    with rasterio.open(mask_path) as src:
+        height, width = src.shape
+    entry.update(mask_figures(mask_path, offsets(height), offsets(width), tile, tile))
+    entry["scene_mp_per_s"] = mp(entry["pixels"]) / run.wall_s
     return entry
 
 
@@ -718,16 +724,12 @@ def side_by_side(
         entry.update(tool=label, ok=run_result.get("ok", False))
         if entry["ok"]:
             mask_path = cfg.out / "runs" / run_label / scene.stem / "mask.tif"
-            mask, nodata = read_mask(mask_path)
-            entry["scene_mp_per_s"] = run_result["scene_mp_per_s"]
-            entry["mask"] = rel(mask_path)
-            entry["seams"] = seam_excess(
-                mask,
-                seam_lines(grid.row_offsets, grid.tile_height, mask.shape[0]),
-                seam_lines(grid.col_offsets, grid.tile_width, mask.shape[1]),
-                nodata,
+            entry.update(
+                mask_figures(
+                    mask_path, grid.row_offsets, grid.col_offsets, grid.tile_height, grid.tile_width
+                )
             )
-            entry["classes"] = np.bincount(mask.ravel(), minlength=256)[:8].tolist()
+            entry["scene_mp_per_s"] = run_result["scene_mp_per_s"]
         tools.append(entry)
 
     plain_mask = out / "plain-loop.tif"
