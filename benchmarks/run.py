@@ -8,16 +8,19 @@ In one run, with the same models, tiles and thread count throughout, it measures
 
 1. the raw forward throughput of each benchmark model (U-Nets trained briefly on the generated
    scene's own classes, so that their decisions are as stable as a real model's) in every form
-   the pipeline offers (fp32, bf16 autocast, each eager and ``torch.compile``d), with each form's
-   class-map agreement with eager fp32. The *limit* is the fastest form within 0.1% of fp32;
-   the actor's whole step is timed in that form too;
+   the pipeline offers (fp32, bf16 autocast, each eager and ``torch.compile``d; compiled also as
+   2 streams of half the threads, as a CPU actor runs by default), with each form's class-map
+   agreement with eager fp32. The *limit* is the fastest form within 0.1% of fp32; the actor's
+   whole step is timed in that form too;
 2. ``geoseg segment`` end to end in the limit form on a generated 10k x 10k 4-band scene, as a
    subprocess (honest wall clock): without CRF and polygons, with the CRF, with the CRF and
    simplified polygons; throughput in model pixels (tiles x tile area) and scene pixels, the
-   ratio to (1), and the time split from ``run.json``;
+   ratio to (1), and the time split from ``run.json``; the same on the real NAIP scenes of
+   ../shared/data (both in one run) and on a 10k-scale VRT mosaic of one of them;
 3. the peak memory of the whole process tree for the 10k scene and a 40k x 40k one (a VRT mosaic
    of the first), with the small model;
-4. 1 vs 2 model actors, and the share of the time the actors sit idle waiting for tiles;
+4. one actor running one stream of all threads, one actor with 2 streams (the default) and 2
+   actors, and the share of the time the model streams sit idle waiting for tiles;
 5. side by side on the 10k scene with the small model: geoseg, a plain rasterio + torch
    sliding-window loop (``benchmarks.plain_loop``) and NRCan's geo-inference 3.2.4 (its own
    venv, ``benchmarks/make_geoinference_env.sh``; the same weights exported to TorchScript):
@@ -43,7 +46,8 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, replace
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -65,7 +69,7 @@ from benchmarks.scenes import BAND_NAMES, make_mosaic_vrt, make_scene, scene_cla
 from benchmarks.scenes import CLASSES as SCENE_CLASSES
 from geoseg.engine.predict import Predictor
 from geoseg.engine.scene import SegmentOptions
-from geoseg.io.rasters import open_scene, read_tile
+from geoseg.io.rasters import open_scene, read_windows
 from geoseg.models.card import ModelCard, read_card
 from geoseg.models.store import init_model, load_model, normalize, save_model
 from geoseg.training import fit
@@ -299,8 +303,10 @@ def time_batches(
     tiles_per_batch: list[int],
     passes: int,
     max_passes: int,
+    streams: int = 1,
 ) -> list[Pass]:
-    """Warm up on one batch, then time passes over all batches.
+    """Warm up on one batch, then time passes over all batches, ``streams`` batches at a time
+    (one thread each, as an actor runs them).
 
     Stops after ``passes`` clean passes (other processes' load below ``CLEAN_SHARE``, from this
     process's CPU time against the machine's) or ``max_passes`` passes in all.
@@ -308,20 +314,24 @@ def time_batches(
     fn(batches[0])
     me = psutil.Process()
     done: list[Pass] = []
-    while len(done) < max_passes:
-        own_start, machine_start = sum(me.cpu_times()[:2]), CpuSnapshot.now()
-        start = time.perf_counter()
-        times = []
-        for batch in batches:
-            t0 = time.perf_counter()
-            fn(batch)
-            times.append(time.perf_counter() - t0)
-        wall = time.perf_counter() - start
-        own = sum(me.cpu_times()[:2]) - own_start
-        share = foreign_cpu_share(CpuSnapshot.now().since(machine_start), own, wall)
-        done.append(Pass(sum(tiles_per_batch), sum(times), times, share))
-        if sum(p.foreign_cpu_share < CLEAN_SHARE for p in done) >= passes:
-            break
+
+    def timed(batch: Any) -> float:
+        t0 = time.perf_counter()
+        fn(batch)
+        return time.perf_counter() - t0
+
+    with ThreadPoolExecutor(streams) as pool:
+        list(pool.map(timed, batches[:streams]))  # each thread's first call
+        while len(done) < max_passes:
+            own_start, machine_start = sum(me.cpu_times()[:2]), CpuSnapshot.now()
+            start = time.perf_counter()
+            times = list(pool.map(timed, batches))
+            wall = time.perf_counter() - start
+            own = sum(me.cpu_times()[:2]) - own_start
+            share = foreign_cpu_share(CpuSnapshot.now().since(machine_start), own, wall)
+            done.append(Pass(sum(tiles_per_batch), wall, times, share))
+            if sum(p.foreign_cpu_share < CLEAN_SHARE for p in done) >= passes:
+                break
     return done
 
 
@@ -334,27 +344,44 @@ def read_sample_tiles(
     tiles = grid.tiles()
     picks = [tiles[i] for i in np.linspace(0, len(tiles) - 1, count).round().astype(int)]
     t0 = time.perf_counter()
-    parts = [read_tile(scene, t.row_off, t.col_off, t.height, t.width) for t in picks]
+    parts = read_windows(scene, [(t.row_off, t.col_off, t.height, t.width) for t in picks])
     read_s = time.perf_counter() - t0
     return np.stack([p[0] for p in parts]), np.stack([p[1] for p in parts]), read_s
 
 
 @dataclass(frozen=True)
 class Form:
-    """A way the pipeline can run the model (``geoseg segment --precision P [--compile]``)."""
+    """A way the pipeline can run the model: ``geoseg segment --precision P [--compile]
+    --streams S`` (S forward passes at a time, each on the cores / S torch threads)."""
 
     precision: str
     compile: bool
+    streams: int = 1
 
     @property
     def label(self) -> str:
-        return self.precision + (" compiled" if self.compile else "")
+        label = self.precision + (" compiled" if self.compile else "")
+        if self.streams > 1:
+            label += f", {self.streams} streams of {threads_per_stream(self.streams)} thread(s)"
+        return label
 
     def flags(self) -> list[str]:
-        return ["--precision", self.precision] + (["--compile"] if self.compile else [])
+        compiled = ["--compile"] if self.compile else []
+        return ["--precision", self.precision, *compiled, "--streams", str(self.streams)]
 
 
-FORMS = [Form("fp32", False), Form("fp32", True), Form("bf16", False), Form("bf16", True)]
+def threads_per_stream(streams: int) -> int:
+    return max(1, (os.cpu_count() or 1) // streams)
+
+
+FORMS = [
+    Form("fp32", False),
+    Form("fp32", True),
+    Form("fp32", True, 2),
+    Form("bf16", False),
+    Form("bf16", True),
+    Form("bf16", True, 2),
+]
 AGREEMENT_GOAL = 0.999  # a form counts when its class map is within 0.1% of fp32's
 
 
@@ -381,13 +408,22 @@ def bench_forward(model_dir: Path, scene_path: Path, cfg: Config) -> dict[str, A
     for form in FORMS:
         if form.precision not in card.precisions:
             continue
+        # Set before compiling: inductor generates its kernels for the thread count in force.
+        torch.set_num_threads(threads_per_stream(form.streams))
         predictor = Predictor(model_dir, "cpu", form.precision, form.compile, BATCH)
         t0 = time.perf_counter()
         predictor.logits(inputs[0])  # compiles a compiled form
         first_s = time.perf_counter() - t0
         timing = ForwardTiming(
             tile_pixels,
-            time_batches(predictor.logits, inputs, sizes, cfg.raw_passes, cfg.raw_max_passes),
+            time_batches(
+                predictor.logits,
+                inputs,
+                sizes,
+                cfg.raw_passes,
+                cfg.raw_max_passes,
+                form.streams,
+            ),
         )
         classes = torch.cat([predictor.logits(x).float().argmax(1) for x in inputs])
         if reference is None:
@@ -409,7 +445,8 @@ def bench_forward(model_dir: Path, scene_path: Path, cfg: Config) -> dict[str, A
         )
     usable = [f for f in forms if f["agreement"] >= AGREEMENT_GOAL]
     limit = max(usable, key=lambda f: f["raw"]["mp_per_s"])
-    limit_form = Form(limit["precision"], limit["compile"])
+    limit_form = Form(limit["precision"], limit["compile"], limit["streams"])
+    torch.set_num_threads(threads_per_stream(limit_form.streams))
     actor = ForwardTiming(
         tile_pixels,
         time_batches(
@@ -418,8 +455,10 @@ def bench_forward(model_dir: Path, scene_path: Path, cfg: Config) -> dict[str, A
             sizes,
             cfg.raw_passes,
             cfg.raw_max_passes,
+            limit_form.streams,
         ),
     )
+    torch.set_num_threads(os.cpu_count() or 1)
     return {
         "model": str(model_dir),
         "threads": torch.get_num_threads(),
@@ -442,7 +481,7 @@ def bench_forward(model_dir: Path, scene_path: Path, cfg: Config) -> dict[str, A
 
 
 def segment_command(
-    scene: Path,
+    scenes: Sequence[Path],
     model_dir: Path,
     out: Path,
     *,
@@ -451,7 +490,7 @@ def segment_command(
     confidence: bool = True,
     extra: tuple[str, ...] = (),
 ) -> list[str]:
-    cmd = [sys.executable, "-m", "geoseg", "-q", "segment", str(scene)]
+    cmd = [sys.executable, "-m", "geoseg", "-q", "segment", *map(str, scenes)]
     cmd += ["--model", str(model_dir), "--out", str(out), "--batch-size", str(BATCH)]
     cmd += [*form.flags(), "--overwrite", *extra]
     if not polygons:
@@ -478,37 +517,45 @@ def analyse_run(run: MonitoredRun, out: Path, model_dir: Path) -> dict[str, Any]
         result["ok"] = False
         return result
     record = json.loads(run_json.read_text())
-    scene = record["scenes"][0]
-    result["ok"] = scene["status"] == "ok"
-    if not result["ok"]:
-        result["error"] = scene["error"]
+    scenes = record["scenes"]
+    failed = [s for s in scenes if s["status"] != "ok"]
+    result["ok"] = not failed
+    if failed:
+        result["error"] = failed[0]["error"]
         return result
     card = read_card(model_dir)
-    height, width = scene["height"], scene["width"]
-    grid = SegmentOptions().grid_for(card, height, width)
-    scene_px = height * width
-    model_px = len(grid) * grid.tile_height * grid.tile_width
-    timings = scene["timings_s"]
+    # A run of several scenes is counted as one: pixels and each timer summed over its scenes.
+    height, width = scenes[0]["height"], scenes[0]["width"]
+    grids = [SegmentOptions().grid_for(card, s["height"], s["width"]) for s in scenes]
+    grid = grids[0]
+    scene_px = sum(s["height"] * s["width"] for s in scenes)
+    model_px = sum(len(g) * g.tile_height * g.tile_width for g in grids)
+    timings: dict[str, float] = {}
+    for s in scenes:
+        for key, value in s["timings_s"].items():
+            timings[key] = timings.get(key, 0.0) + value
     job_s = (
         datetime.fromisoformat(record["finished"]) - datetime.fromisoformat(record["started"])
     ).total_seconds()
     wall = run.wall_s
     cores = os.cpu_count() or 1
-    actors = record["parameters"].get("workers") or 1
+    # Model streams: actors x forward passes each runs at once (infer_s sums over streams).
+    streams = sum(w.get("streams", 1) for w in record["workers"])
     actor_s = timings["infer_s"] + timings.get("crf_s", 0.0)
     streaming_s = timings["total_s"] - timings.get("cog_s", 0.0) - timings.get("polygons_s", 0.0)
     result.update(
         {
+            "scenes": len(scenes),
             "height": height,
             "width": width,
-            "tiles": scene["tiles"],
+            "tiles": sum(s["tiles"] for s in scenes),
             "tile_size": [grid.tile_height, grid.tile_width],
             "overlap": grid.overlap,
             "scene_pixels": scene_px,
             "model_pixels": model_px,
             "overhead_factor": model_px / scene_px,
             "timings_s": timings,
-            "polygons": scene.get("polygons"),
+            "polygons": scenes[0].get("polygons") if len(scenes) == 1 else None,
             "job_s": job_s,
             # Ray start, actor start and model load, pool shutdown (inside segment(), outside
             # the scene); and interpreter start, imports, process exit (outside segment()).
@@ -519,21 +566,40 @@ def analyse_run(run: MonitoredRun, out: Path, model_dir: Path) -> dict[str, Any]
             "model_mp_per_s": mp(model_px) / wall,
             "scene_mp_per_s_in_scene": mp(scene_px) / timings["total_s"],
             "model_mp_per_s_in_scene": mp(model_px) / timings["total_s"],
-            "actors": actors,
-            # Model actors' busy time (tiles and CRF bands) over the scene, and the share of
+            "model_streams": streams,
+            # Model streams' busy time (tiles and CRF bands) over the scene, and the share of
             # the streaming phase (before the COG is finalised and polygons are made, which the
             # driver does alone) in which they sat idle waiting for work.
-            "actor_busy_share": actor_s / (actors * timings["total_s"]),
-            "actor_idle_share_streaming": 1 - actor_s / (actors * streaming_s),
+            "actor_busy_share": actor_s / (streams * timings["total_s"]),
+            "actor_idle_share_streaming": 1 - actor_s / (streams * streaming_s),
             "cpu_utilisation": run.tree.cpu_s / (wall * cores),
         }
     )
     return result
 
 
+SHARED_DATA = REPO.parent / "shared" / "data"
+NAIP = ("naip/m_4709963_se_14_1_20190904.tif", "naip/m_4709963_se_14_1_20200831.tif")
+NAIP_MOSAIC_REPEAT = 11  # 934 x 723 -> 10,274 x 7,953
+
+
+def real_scenes(out: Path) -> dict[str, Any]:
+    """The two real NAIP scenes (R, G, B, NIR uint8, nodata 0) of ../shared/data, and a VRT
+    mosaicking the first 11 x 11 times (real pixels at the size of the generated scene).
+
+    Empty when the shared data are absent (the runs are then skipped and the table says so).
+    """
+    paths = [SHARED_DATA / p for p in NAIP]
+    if not all(p.exists() for p in paths):
+        log(f"real scenes: {SHARED_DATA} has no NAIP scenes; skipped")
+        return {"scenes": [], "mosaic": []}
+    mosaic = make_mosaic_vrt(paths[0], NAIP_MOSAIC_REPEAT, out / "naip-mosaic.vrt")
+    return {"scenes": paths, "mosaic": [mosaic]}
+
+
 def run_segment(
     label: str,
-    scene: Path,
+    scene: Path | Sequence[Path],
     model_dir: Path,
     cfg: Config,
     *,
@@ -544,8 +610,9 @@ def run_segment(
     timeout_s: float | None = None,
 ) -> dict[str, Any]:
     out = cfg.out / "runs" / label
+    scenes = [scene] if isinstance(scene, Path) else list(scene)
     cmd = segment_command(
-        scene, model_dir, out, form=form, polygons=polygons, confidence=confidence, extra=extra
+        scenes, model_dir, out, form=form, polygons=polygons, confidence=confidence, extra=extra
     )
     log(f"{label}: {printable(cmd)}")
     quiet = settle(cfg, label)
@@ -854,7 +921,7 @@ def table_rows(results: dict[str, Any]) -> list[tuple[str, str, str]]:
             )
         rows.append(
             (
-                f"Actor step (raw tiles in: normalise, forward, softmax, float16 out), "
+                f"Actor step (raw tiles in: normalise, forward, softmax, float32 out), "
                 f"{fwd['model_name']}, {fwd['limit']['label']}",
                 f"{fwd['actor_predict']['mp_per_s']:.2f} MP/s"
                 + busy(fwd["actor_predict"]["foreign_cpu_share"]),
@@ -867,7 +934,10 @@ def table_rows(results: dict[str, Any]) -> list[tuple[str, str, str]]:
         "e2e": "no CRF, no polygons",
         "e2e-crf": "with CRF",
         "e2e-all": "with CRF and polygons (simplified 1 px, GeoPackage)",
+        "e2e-1stream": "one forward stream of all threads (`--streams 1`), no CRF, no polygons",
         "e2e-2actors": "2 model actors (1 thread each), no CRF, no polygons",
+        "e2e-naip": "real NAIP scenes (R, G, B, NIR, nodata 0), one run, no CRF, no polygons",
+        "e2e-naip-mosaic": "real NAIP scene mosaicked 11 × 11 (VRT), no CRF, no polygons",
     }
     for label, run in e2e_runs.items():
         if not run.get("ok"):
@@ -881,7 +951,12 @@ def table_rows(results: dict[str, Any]) -> list[tuple[str, str, str]]:
             continue
         assert raw is not None
         t = run["timings_s"]
-        size = f"{run['height']:,}²" if run["height"] == run["width"] else "scene"
+        if run.get("scenes", 1) > 1:
+            size = f"{run['scenes']} scenes of {run['width']:,} × {run['height']:,}"
+        elif run["height"] == run["width"]:
+            size = f"{run['height']:,}²"
+        else:
+            size = f"{run['width']:,} × {run['height']:,}"
         split = ", ".join(
             f"{k.removesuffix('_s')} {t[k]:.1f}"
             for k in ("infer_s", "crf_s", "read_s", "wait_s", "stitch_s", "cog_s", "polygons_s")
@@ -919,12 +994,14 @@ def table_rows(results: dict[str, Any]) -> list[tuple[str, str, str]]:
                 SAME,
             )
         )
-    one, two = e2e_runs.get("e2e", {}), e2e_runs.get("e2e-2actors", {})
-    if one.get("ok") and two.get("ok"):
+    layouts = [e2e_runs.get(k, {}) for k in ("e2e-1stream", "e2e", "e2e-2actors")]
+    if all(run.get("ok") for run in layouts):
+        base = layouts[0]["model_mp_per_s"]
         rows.append(
             (
-                "Scaling: 2 actors / 1 actor, end-to-end throughput",
-                f"{two['model_mp_per_s'] / one['model_mp_per_s']:.2f}",
+                "Scaling on this machine, end-to-end throughput against one actor with one "
+                "stream of all threads: one actor with 2 streams (default) / 2 actors",
+                " / ".join(f"{run['model_mp_per_s'] / base:.2f}" for run in layouts[1:]),
                 SAME,
             )
         )
@@ -1064,7 +1141,8 @@ def run_all(cfg: Config) -> dict[str, Any]:
         fwd = bench_forward(model_dir, scene, cfg)
         fwd["settle"], fwd["code"] = quiet, code_version()
         fwd["model_name"], fwd["model_label"] = spec.name, spec.label
-        limits[spec.name] = Form(fwd["limit"]["precision"], fwd["limit"]["compile"])
+        chosen = fwd["limit"]
+        limits[spec.name] = Form(chosen["precision"], chosen["compile"], chosen["streams"])
         log(
             f"raw forward limit: {fwd['limit']['label']} {fwd['raw']['mp_per_s']:.2f} MP/s; "
             f"actor predict {fwd['actor_predict']['mp_per_s']:.2f} MP/s"
@@ -1072,23 +1150,30 @@ def run_all(cfg: Config) -> dict[str, Any]:
         results["forward"][spec.name] = fwd
         save(results, cfg.out)
 
-    # 2 and 4. End to end with the limit form: plain, with CRF, with everything; two actors.
+    # 2 and 4. End to end with the limit form: plain, with CRF, with everything; one stream of
+    # all threads; two actors of one thread each; real scenes (NAIP as they are, and mosaicked).
     e2e_dir, e2e_form = models[cfg.e2e_model.name][1], limits[cfg.e2e_model.name]
+    one_stream = replace(e2e_form, streams=1)
+    naip = real_scenes(cfg.out)
+    naip_bands = ("--bands", ",".join(BANDS))
     results["e2e"] = {}
-    for label, extra, polygons in (
-        ("e2e", (), False),
-        ("e2e-crf", ("--crf",), False),
-        ("e2e-all", ("--crf", "--simplify", "1px"), True),
-        ("e2e-2actors", ("--workers", "2"), False),
+    for label, scenes, form, extra, polygons in (
+        ("e2e", scene, e2e_form, (), False),
+        ("e2e-crf", scene, e2e_form, ("--crf",), False),
+        ("e2e-all", scene, e2e_form, ("--crf", "--simplify", "1px"), True),
+        ("e2e-1stream", scene, one_stream, (), False),
+        ("e2e-2actors", scene, one_stream, ("--workers", "2"), False),
+        ("e2e-naip", naip["scenes"], e2e_form, naip_bands, False),
+        ("e2e-naip-mosaic", naip["mosaic"], e2e_form, naip_bands, False),
     ):
-        if polygons and not cfg.polygons:
+        if (polygons and not cfg.polygons) or not scenes:
             continue
         results["e2e"][label] = run_segment(
             label,
-            scene,
+            scenes,
             e2e_dir,
             cfg,
-            form=e2e_form,
+            form=form,
             polygons=polygons,
             extra=extra,
             timeout_s=cfg.polygon_timeout_s if polygons else None,

@@ -13,6 +13,7 @@ a proper geotransform and CRS, without a multi-gigabyte file on disk.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from xml.sax.saxutils import escape
 
@@ -151,10 +152,11 @@ def make_mosaic_vrt(src: Path, repeat: int, out: Path) -> Path:
         block_h, block_w = ds.block_shapes[0]
         dtype = ds.dtypes[0]
         descriptions = ds.descriptions
+        nodata = ds.nodata
     if crs is None:
         raise ValueError(f"{src}: no CRS")
     gdal_type = {"uint8": "Byte", "uint16": "UInt16", "int16": "Int16", "float32": "Float32"}[dtype]
-    rel = src.resolve().relative_to(out.resolve().parent)
+    rel = os.path.relpath(src.resolve(), out.resolve().parent)
     geotransform = ", ".join(
         repr(v)
         for v in (transform.c, transform.a, transform.b, transform.f, transform.d, transform.e)
@@ -171,11 +173,13 @@ def make_mosaic_vrt(src: Path, repeat: int, out: Path) -> Path:
         )
         if description:
             lines.append(f"    <Description>{escape(description)}</Description>")
+        if nodata is not None:
+            lines.append(f"    <NoDataValue>{nodata!r}</NoDataValue>")
         for i in range(repeat):
             for j in range(repeat):
                 lines += [
                     "    <SimpleSource>",
-                    f'      <SourceFilename relativeToVRT="1">{escape(str(rel))}</SourceFilename>',
+                    f'      <SourceFilename relativeToVRT="1">{escape(rel)}</SourceFilename>',
                     f"      <SourceBand>{band}</SourceBand>",
                     f'      <SourceProperties RasterXSize="{width}" RasterYSize="{height}" '
                     f'DataType="{gdal_type}" BlockXSize="{block_w}" BlockYSize="{block_h}" />',

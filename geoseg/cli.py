@@ -290,7 +290,13 @@ def model_info(model_dir: Path, as_json: bool) -> None:
 @click.option("--batch-size", default=4, show_default=True, type=int)
 @click.option("--workers", type=int, help="Model actors [one per GPU, else one].")
 @click.option(
-    "--tiles-in-flight", type=int, help="Batches between reading and stitching [2 per worker + 1]."
+    "--streams",
+    type=click.IntRange(min=1),
+    help="Forward passes each actor runs at once, each on its share of the actor's cores "
+    "[2 on a CPU, 1 on a GPU].",
+)
+@click.option(
+    "--tiles-in-flight", type=int, help="Batches between reading and stitching [2 per stream + 1]."
 )
 @click.option(
     "--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"])
@@ -329,6 +335,7 @@ def segment(
     overlap: int | None,
     batch_size: int,
     workers: int | None,
+    streams: int | None,
     tiles_in_flight: int | None,
     device: str,
     precision: str,
@@ -356,6 +363,7 @@ def segment(
         overlap=overlap,
         batch_size=batch_size,
         workers=workers,
+        streams=streams,
         device=device,
         precision=precision,
         compile=compile_model,

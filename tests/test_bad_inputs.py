@@ -28,7 +28,7 @@ from rio_cogeo.cogeo import cog_validate
 
 from geoseg.cli import EXIT_SCENE_FAILED, main
 from geoseg.errors import BandMismatchError, NotGeoreferencedError
-from geoseg.io.rasters import open_scene, read_tile
+from geoseg.io.rasters import open_scene, read_tile, read_windows
 from geoseg.models.card import ModelCard, read_card
 from geoseg.models.store import init_model, normalize
 
@@ -323,6 +323,69 @@ def test_bands_are_matched_by_name_and_a_mismatch_fails_that_input_only(
 
 
 # ----------------------------------------------------------------------------------- dtypes
+
+
+def test_a_nir_band_tagged_alpha_is_read_as_data_not_as_a_mask(
+    ray_local: None, fixtures: dict[str, Path], rgb_model: Path, tmp_path: Path
+) -> None:
+    """GDAL writes four uint8 bands as RGB + alpha by default, so the NIR band of many RGBN files
+    is tagged alpha: taken as GDAL's dataset mask, every NIR 0 (dark water) would be nodata."""
+    uri = str(fixtures["rgbn_tagged_rgba"])
+    with rasterio.open(uri) as src:
+        raw, gdal_mask = src.read(), src.dataset_mask()
+    assert int((gdal_mask == 0).sum()) == 600  # the 20 x 30 block where NIR is 0
+    rgbn_model = tmp_path / "rgbn"
+    init_model(
+        "unet",
+        ["red", "green", "blue", "nir"],
+        ["water", "vegetation", "built", "bare"],
+        rgbn_model,
+        arch_args={"depth": 3, "base_channels": 8},
+        tile_size=128,
+        overlap=32,
+    )
+    scene = open_scene(uri, read_card(rgbn_model))
+    assert scene.nodata_from_bands == (None, None, None, None)
+    data, valid = read_tile(scene, 0, 0, 60, 80)
+    np.testing.assert_array_equal(data, raw)
+    assert valid.all()
+    # Segmented, every pixel gets a class (255 is the mask's nodata).
+    out = tmp_path / "out"
+    result, run = _segment(uri, "--model", str(rgbn_model), "--out", str(out), "--no-polygons")
+    assert result.exit_code == 0, result.output
+    mask, _, _ = _read(out / "rgbn_tagged_rgba" / "mask.tif")
+    assert int((mask == 255).sum()) == 0
+    assert sum(run["scenes"][0]["class_pixels"].values()) == 60 * 80
+    # A model of red, green and blue only leaves the alpha band its meaning: transparency.
+    _, rgb_valid = read_tile(open_scene(uri, read_card(rgb_model)), 0, 0, 60, 80)
+    np.testing.assert_array_equal(rgb_valid, gdal_mask > 0)
+    # With nodata declared, a pixel is valid where any band holds data, as in GDAL's nodata mask.
+    declared = tmp_path / "declared_nodata.tif"
+    shutil.copy(uri, declared)
+    with rasterio.open(declared, "r+") as dst:
+        dst.nodata = 0
+        dst.write(np.zeros((4, 5, 6), np.uint8), window=Window(0, 0, 6, 5))
+    scene = open_scene(str(declared), read_card(rgbn_model))
+    assert scene.nodata_from_bands == (0.0, 0.0, 0.0, 0.0)
+    _, valid = read_tile(scene, 0, 0, 60, 80)
+    assert int((~valid).sum()) == 30 and not valid[:5, :6].any()
+
+
+def test_windows_read_together_equal_windows_read_alone(
+    fixtures: dict[str, Path], rgb_model: Path
+) -> None:
+    """One open for a batch of overlapping windows, some past the scene's edges (padded)."""
+    scene = open_scene(str(fixtures["good"]), read_card(rgb_model))
+    windows = [(-32, -32, 128, 128), (-32, 64, 128, 128), (100, 220, 128, 128), (0, 0, 200, 300)]
+    together = read_windows(scene, windows)
+    for window, (data, valid) in zip(windows, together, strict=True):
+        alone_data, alone_valid = read_tile(scene, *window)
+        np.testing.assert_array_equal(data, alone_data)
+        np.testing.assert_array_equal(valid, alone_valid)
+    data, valid = together[0]
+    assert data.shape == (3, 128, 128) and int(valid.sum()) == 96 * 96
+    with rasterio.open(fixtures["good"]) as src:
+        np.testing.assert_array_equal(together[3][0], src.read())
 
 
 @pytest.mark.parametrize(("dtype", "scale"), [("uint16", 1e-4), ("int16", 1e-4), ("float32", 1.0)])

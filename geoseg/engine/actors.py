@@ -31,7 +31,11 @@ CRF_CPU_TILE = 1024  # 286-row bands x 10k columns, 4 classes: 6.8 MP/s at 1024,
 
 
 class SegmentationWorker:
-    """Holds one :class:`Predictor`. Created as a Ray actor by :class:`WorkerPool`."""
+    """Holds one :class:`Predictor`. Created as a Ray actor by :class:`WorkerPool`.
+
+    The actor may run several calls at once (Ray's ``max_concurrency``, one thread each): the
+    methods keep no state between calls, and torch releases the GIL while it computes.
+    """
 
     def __init__(
         self,
@@ -49,12 +53,16 @@ class SegmentationWorker:
         self.device = self.predictor.device
 
     def ready(self) -> dict[str, Any]:
-        return {"device": str(self.device), "weights_sha256": self.predictor.weights_sha256}
+        return {
+            "device": str(self.device),
+            "weights_sha256": self.predictor.weights_sha256,
+            "torch_threads": torch.get_num_threads(),
+        }
 
     def predict(
         self, batch: tuple[NDArray[np.generic], NDArray[np.bool_], float]
-    ) -> tuple[NDArray[np.float16] | None, NDArray[np.bool_], dict[str, float]]:
-        """Class probabilities ``(B, classes, H, W)`` (float16) for the tiles with valid pixels.
+    ) -> tuple[NDArray[np.floating] | None, NDArray[np.bool_], dict[str, float]]:
+        """Class probabilities ``(B, classes, H, W)`` for the tiles with valid pixels.
 
         Tiles without any valid pixel never reach the model: the probabilities of such a batch are
         ``None`` and their rows are zero.
@@ -68,7 +76,7 @@ class SegmentationWorker:
             out = self.predictor.probabilities(data)
         else:
             probs = self.predictor.probabilities(data[has_data])
-            out = np.zeros((len(valid), *probs.shape[1:]), dtype=np.float16)
+            out = np.zeros((len(valid), *probs.shape[1:]), dtype=probs.dtype)
             out[has_data] = probs
         stats = {
             "read_s": read_s,

@@ -13,14 +13,20 @@ Speed options, each kept only where the class map stays within 0.1% of fp32 (the
   start in seconds).
 * channels_last memory format on the CPU and under autocast on CUDA (where it pays off).
 
-On CUDA the probabilities come back through a reused page-locked host buffer: copying them into
-freshly allocated pageable memory took 3x longer than the forward pass itself (H100,
-``benchmarks/README.md``).
+Probabilities leave the step as float32 on the CPU, where the driver blends in float32 anyway
+(numpy's float16 to float32 conversion cost 1.8 ms per 576² tile of 4 classes, ten times the
+blending itself), and as float16 on CUDA, where they cross PCIe: through a reused page-locked host
+buffer per calling thread, since copying them into freshly allocated pageable memory took 3x
+longer than the forward pass itself (H100, ``benchmarks/README.md``).
+
+A predictor may be called from several threads at once (an actor running several forward passes
+at a time): calls share nothing but the model.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -46,7 +52,7 @@ def choose_device(requested: str) -> torch.device:
 
 
 class Predictor:
-    """Normalise, forward, softmax: raw tiles ``(B, bands, H, W)`` to float16 probabilities."""
+    """Normalise, forward, softmax: raw tiles ``(B, bands, H, W)`` to class probabilities."""
 
     def __init__(
         self,
@@ -79,7 +85,8 @@ class Predictor:
         if compile:
             self._forward = torch.compile(self._forward_eager, dynamic=False)
             self._step = torch.compile(self._step_eager, dynamic=False)
-        self._host: torch.Tensor | None = None  # reused page-locked buffer (CUDA)
+        self.output_dtype = torch.float16 if self.device.type == "cuda" else torch.float32
+        self._local = threading.local()  # .host: this thread's page-locked buffer (CUDA)
         log.info(
             "model %s on %s (%s%s)",
             self.card.name, self.device, precision, ", compiled" if compile else "",
@@ -95,7 +102,7 @@ class Predictor:
 
     def _step_eager(self, raw: torch.Tensor) -> torch.Tensor:
         logits = self._forward_eager(normalize(raw, self.card))
-        return torch.softmax(logits.float(), dim=1).to(torch.float16)
+        return torch.softmax(logits.float(), dim=1).to(self.output_dtype)
 
     @torch.inference_mode()
     def logits(self, x: torch.Tensor) -> torch.Tensor:
@@ -104,11 +111,12 @@ class Predictor:
         return out
 
     @torch.inference_mode()
-    def probabilities(self, data: NDArray[np.generic]) -> NDArray[np.float16]:
-        """Class probabilities ``(B, classes, H, W)`` float16 of raw tiles ``(B, bands, H, W)``.
+    def probabilities(self, data: NDArray[np.generic]) -> NDArray[np.floating]:
+        """Class probabilities ``(B, classes, H, W)`` of raw tiles ``(B, bands, H, W)``.
 
-        The array may be a view of a buffer reused by the next call: the caller copies it (a Ray
-        actor does so when it stores its return value) before calling again.
+        float32 on the CPU, float16 on CUDA (:attr:`output_dtype`). The array may be a view of a
+        buffer reused by this thread's next call: the caller copies it (a Ray actor does so when it
+        stores its return value) before calling again.
         """
         count = len(data)
         x = torch.from_numpy(np.ascontiguousarray(data)).to(self.device, non_blocking=True)
@@ -118,9 +126,11 @@ class Predictor:
         probs: torch.Tensor = self._step(x)[:count]
         if self.device.type != "cuda":
             return probs.numpy()
-        if self._host is None or self._host.numel() < probs.numel():
-            self._host = torch.empty(probs.numel(), dtype=torch.float16, pin_memory=True)
-        host = self._host[: probs.numel()].view(probs.shape)
+        buffer: torch.Tensor | None = getattr(self._local, "host", None)
+        if buffer is None or buffer.numel() < probs.numel():
+            buffer = torch.empty(probs.numel(), dtype=probs.dtype, pin_memory=True)
+            self._local.host = buffer
+        host = buffer[: probs.numel()].view(probs.shape)
         host.copy_(probs, non_blocking=True)
         torch.cuda.current_stream(self.device).synchronize()
         return host.numpy()

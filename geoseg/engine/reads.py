@@ -14,7 +14,7 @@ import numpy as np
 import ray
 from numpy.typing import NDArray
 
-from geoseg.io.rasters import SceneInfo, read_tile
+from geoseg.io.rasters import SceneInfo, read_windows
 from geoseg.tiling.grid import Tile
 
 
@@ -24,7 +24,7 @@ def read_batch(
 ) -> tuple[NDArray[np.generic], NDArray[np.bool_], float]:
     """Read a batch of tiles: raw values ``(B, bands, H, W)``, validity ``(B, H, W)``, seconds."""
     start = time.perf_counter()
-    parts = [read_tile(scene, t.row_off, t.col_off, t.height, t.width) for t in tiles]
+    parts = read_windows(scene, [(t.row_off, t.col_off, t.height, t.width) for t in tiles])
     data = np.stack([p[0] for p in parts])
     valid = np.stack([p[1] for p in parts])
     return data, valid, time.perf_counter() - start

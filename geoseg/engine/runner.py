@@ -144,6 +144,7 @@ def segment_options(config: JobConfig, overwrite: bool, progress: bool) -> Segme
         overlap=config.tiling.overlap,
         batch_size=config.tiling.batch_size,
         workers=config.runtime.workers,
+        streams=config.runtime.streams,
         gpus_per_worker=config.runtime.gpus_per_worker,
         device=config.runtime.device,
         precision=config.runtime.precision,

@@ -55,12 +55,13 @@ class SegmentOptions:
     overlap: int | None = None
     batch_size: int = 4
     workers: int | None = None  # None: one per GPU, else one
+    streams: int | None = None  # forward passes each actor runs at once; None: 2 on CPU, 1 on GPU
     gpus_per_worker: float = 1.0
     device: str = "auto"
     precision: str = "fp32"
     compile: bool = False
     tiles_in_flight: int | None = (
-        None  # batches between reading and stitching; None: 2 per worker + 1
+        None  # batches between reading and stitching; None: 2 per stream + 1
     )
     confidence: bool = True
     polygons: bool = True
@@ -124,12 +125,20 @@ class WorkerPool:
             raise ConfigError("--precision fp16 needs a GPU and the Ray cluster has none: use bf16")
         count = options.workers or (max(1, int(gpus // options.gpus_per_worker)) if use_gpu else 1)
         cpus = cluster_cpus()
+        cores_per_actor = max(1, int(cpus // count))
+        # On a CPU, two forward passes at a time, each on half the actor's cores: a pass that
+        # loses a core to reading, blending or writing then holds up only itself, where one pass
+        # on all cores makes every thread wait at each layer for the one that lost its core (2
+        # cores, a neighbour busy 24% of one core: -15% for one 2-thread pass, -9% for two
+        # 1-thread passes; benchmarks/README.md).
+        self.streams = options.streams or (1 if use_gpu else min(2, cores_per_actor))
         # Fractional CPUs: actors holding whole CPUs would starve the read tasks (Ray then waits
         # forever). Torch threads share the machine's cores between the actors instead.
-        threads = 0 if use_gpu else max(1, int(cpus // count))
+        threads = 0 if use_gpu else max(1, cores_per_actor // self.streams)
         actor_cls = ray.remote(SegmentationWorker).options(
             num_cpus=0.5 if not use_gpu else 0.25,
             num_gpus=options.gpus_per_worker if use_gpu else 0,
+            max_concurrency=self.streams,
             max_restarts=3,
             max_task_retries=3,
         )
@@ -144,7 +153,10 @@ class WorkerPool:
             )
             for _ in range(count)
         ]
-        self.info = ray.get([a.ready.remote() for a in self.actors])
+        self.info = [
+            {**info, "streams": self.streams}
+            for info in ray.get([a.ready.remote() for a in self.actors])
+        ]
         self._load = [0] * count
 
     def call(self, method: str, *args: Any) -> tuple[ray.ObjectRef[Any], int]:
@@ -216,9 +228,9 @@ def _stitch_and_write(
             writer.write(row_off, 0, ids, confidence)
 
     batches = _chunks(grid.tiles(), options.batch_size)
-    in_flight_max = options.tiles_in_flight or 2 * len(pool.actors) + 1
+    in_flight_max = options.tiles_in_flight or 2 * len(pool.actors) * pool.streams + 1
     pending: dict[ray.ObjectRef[Any], tuple[list[Tile], int]] = {}
-    empty: NDArray[np.float16] | None = None
+    empty: NDArray[np.float32] | None = None
     timings = {"read_s": 0.0, "infer_s": 0.0, "stitch_s": 0.0, "wait_s": 0.0, "crf_s": 0.0}
     progress = tqdm(
         total=len(grid),
@@ -247,7 +259,7 @@ def _stitch_and_write(
             for i, tile in enumerate(tiles):
                 if probs is None:
                     if empty is None:
-                        empty = np.zeros((card.num_classes, tile.height, tile.width), np.float16)
+                        empty = np.zeros((card.num_classes, tile.height, tile.width), np.float32)
                     tile_probs = empty
                 else:
                     tile_probs = probs[i]

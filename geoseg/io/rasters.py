@@ -7,12 +7,14 @@ identity or rotated geotransform is an error, and so is a broken block (reported
 from __future__ import annotations
 
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import rasterio
 from affine import Affine
 from numpy.typing import NDArray
+from rasterio.enums import ColorInterp
 from rasterio.errors import NotGeoreferencedWarning, RasterioError
 from rasterio.windows import Window
 
@@ -42,6 +44,11 @@ class SceneInfo:
     # GDAL options for reading this input (S3 endpoint, HTTP retries), beside READ_ENV. Carried
     # with the scene so that read tasks on any worker open it the same way as the driver.
     gdal_env: tuple[tuple[str, str], ...] = ()
+    # Set when a band the model reads is tagged as alpha (4-band R,G,B,NIR files written with
+    # PHOTOMETRIC=RGB): GDAL's dataset mask would then turn every NIR 0 (dark water) into
+    # nodata, so validity comes from the declared nodata of the bands read instead, as GDAL's
+    # nodata mask has it (valid where any band holds data), one value per band read.
+    nodata_from_bands: tuple[float | None, ...] | None = None
 
     def env(self) -> rasterio.Env:
         return rasterio.Env(**READ_ENV, **dict(self.gdal_env))
@@ -112,6 +119,8 @@ def open_scene(
                 file_names = _file_band_names(src)
                 file_dtypes = list(src.dtypes)
                 height, width = src.height, src.width
+                alphas = {i + 1 for i, c in enumerate(src.colorinterp) if c == ColorInterp.alpha}
+                nodatavals = src.nodatavals
     except RasterioError as exc:
         failed = gdal_request_error(uri, exc, "open it", dict(gdal_options), http_statuses)
         if failed is not None:
@@ -142,6 +151,7 @@ def open_scene(
             f"{uri}: the model expects input dtype {' or '.join(card.input_dtypes)}, "
             f"the file has {', '.join(sorted(dtypes))}: rescale it to what the model card states"
         )
+    alpha_is_data = bool(alphas & set(indexes))
     return SceneInfo(
         uri=uri,
         height=height,
@@ -151,40 +161,97 @@ def open_scene(
         band_indexes=indexes,
         dtype=dtype,
         gdal_env=gdal_options,
+        nodata_from_bands=tuple(nodatavals[i - 1] for i in indexes) if alpha_is_data else None,
     )
 
 
 def read_tile(
     scene: SceneInfo, row_off: int, col_off: int, height: int, width: int
 ) -> tuple[NDArray[np.generic], NDArray[np.bool_]]:
-    """Read a tile window; the part past the scene edges is reflect-padded and marked not valid.
+    """One window of :func:`read_windows`."""
+    return read_windows(scene, [(row_off, col_off, height, width)])[0]
 
-    The window may start before the scene (negative offsets) and end past it. Returns raw pixel
-    values ``(bands, height, width)`` in the file's dtype, and the validity mask (declared nodata,
-    internal mask or alpha band as GDAL's dataset mask, and non-finite values).
+
+def read_windows(
+    scene: SceneInfo, windows: Sequence[tuple[int, int, int, int]]
+) -> list[tuple[NDArray[np.generic], NDArray[np.bool_]]]:
+    """Read tile windows ``(row_off, col_off, height, width)``, padded where past the edges.
+
+    A window may start before the scene (negative offsets) and end past it: the part outside is
+    reflect-padded and marked not valid. Each window gives raw pixel values ``(bands, height,
+    width)`` in the file's dtype and the validity mask: GDAL's dataset mask (declared nodata,
+    internal mask or alpha band; the declared nodata alone where the alpha band is one the model
+    reads, see :class:`SceneInfo`) and non-finite values.
+
+    The file is opened once for all the windows: GDAL's block cache belongs to the open dataset,
+    so the blocks that overlapping neighbours share are decoded once (opening the file per tile
+    decoded them again for each tile).
     """
-    top, left = max(0, -row_off), max(0, -col_off)
-    row_off, col_off = row_off + top, col_off + left
-    rows = min(height - top, scene.height - row_off)
-    cols = min(width - left, scene.width - col_off)
-    window = Window(col_off, row_off, cols, rows)
     try:
         with scene.env(), gdal_http_statuses(scene.uri) as http_statuses, warnings.catch_warnings():
             warnings.simplefilter("ignore", NotGeoreferencedWarning)
             with rasterio.open(scene.uri) as src:
-                data = src.read(scene.band_indexes, window=window)
-                valid = src.dataset_mask(window=window) > 0
+                return [_read_window(src, scene, *window) for window in windows]
+    except _WindowError as failure:
+        row_off, col_off, rows, cols = failure.window
+        exc = failure.cause
+    except RasterioError as exc_open:
+        row_off, col_off, rows, cols = _inside(scene, *windows[0])[:4]
+        exc = exc_open
+    where = f"rows {row_off}:{row_off + rows}, cols {col_off}:{col_off + cols}"
+    gdal_env = dict(scene.gdal_env)
+    failed = gdal_request_error(scene.uri, exc, f"read {where}", gdal_env, http_statuses)
+    if failed is not None:
+        raise failed from exc  # S3/HTTP gave up: not a broken file
+    raise RasterReadError(
+        f"{scene.uri}: cannot read window {where}: the file is corrupt or truncated ({exc}); "
+        "re-download or re-export it"
+    ) from exc
+
+
+class _WindowError(Exception):
+    """A read of one window failed: which window (inside the scene) and GDAL's error."""
+
+    def __init__(self, window: tuple[int, int, int, int], cause: RasterioError) -> None:
+        super().__init__(str(cause))
+        self.window = window
+        self.cause = cause
+
+
+def _inside(
+    scene: SceneInfo, row_off: int, col_off: int, height: int, width: int
+) -> tuple[int, int, int, int, int, int]:
+    """The part of a window inside the scene (row_off, col_off, rows, cols), and its own offset
+    in the window (top, left)."""
+    top, left = max(0, -row_off), max(0, -col_off)
+    row_off, col_off = row_off + top, col_off + left
+    rows = min(height - top, scene.height - row_off)
+    cols = min(width - left, scene.width - col_off)
+    return row_off, col_off, rows, cols, top, left
+
+
+def _read_window(
+    src: rasterio.io.DatasetReader,
+    scene: SceneInfo,
+    row_off: int,
+    col_off: int,
+    height: int,
+    width: int,
+) -> tuple[NDArray[np.generic], NDArray[np.bool_]]:
+    row_off, col_off, rows, cols, top, left = _inside(scene, row_off, col_off, height, width)
+    window = Window(col_off, row_off, cols, rows)
+    try:
+        data = src.read(scene.band_indexes, window=window)
+        if scene.nodata_from_bands is None:
+            valid = src.dataset_mask(window=window) > 0
+        elif None in scene.nodata_from_bands:
+            valid = np.ones(data.shape[1:], dtype=bool)
+        else:  # as GDAL's nodata mask: valid where any band holds data
+            valid = np.zeros(data.shape[1:], dtype=bool)
+            for band, nodata in zip(data, scene.nodata_from_bands, strict=True):
+                valid |= band != nodata
     except RasterioError as exc:
-        where = f"rows {row_off}:{row_off + rows}, cols {col_off}:{col_off + cols}"
-        gdal_env = dict(scene.gdal_env)
-        failed = gdal_request_error(scene.uri, exc, f"read {where}", gdal_env, http_statuses)
-        if failed is not None:
-            raise failed from exc  # S3/HTTP gave up: not a broken file
-        raise RasterReadError(
-            f"{scene.uri}: cannot read window rows {row_off}:{row_off + rows}, "
-            f"cols {col_off}:{col_off + cols}: the file is corrupt or truncated ({exc}); "
-            "re-download or re-export it"
-        ) from exc
+        raise _WindowError((row_off, col_off, rows, cols), exc) from exc
     if np.issubdtype(data.dtype, np.floating):
         valid &= np.isfinite(data).all(axis=0)
         data = np.where(np.isfinite(data), data, 0).astype(data.dtype)

@@ -145,7 +145,7 @@ class Stitcher:
         ]
         valid = valid[inside]
         weights = self._weights_for(tile) * valid
-        weighted = probs[(slice(None), *inside)].astype(np.float32) * weights
+        weighted = np.multiply(probs[(slice(None), *inside)], weights, dtype=np.float32)
         finished = []
         # Tiles start and end on segment boundaries, so a tile covers a contiguous run of segments.
         row_first = bisect_left(self._row_starts, row_off)

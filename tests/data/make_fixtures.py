@@ -146,7 +146,23 @@ def _more(out: Path, good: np.ndarray) -> dict[str, Path]:
         path.write_bytes(raw[: len(raw) * 6 // 10])
     paths["truncated_cog"] = cog
     paths["truncated"] = plain
+    paths.update(_rgbn_tagged_rgba(out))
     return paths
+
+
+def _rgbn_tagged_rgba(out: Path) -> dict[str, Path]:
+    """Red, green, blue, NIR written as GDAL writes four uint8 bands by default (PHOTOMETRIC=RGB,
+    the fourth an alpha extra sample), as many RGBN files are. NIR is 0 over a 20 x 30 block (dark
+    water); no nodata is declared."""
+    rgbn = np.random.default_rng(44).integers(1, 255, (4, 60, 80), dtype=np.uint8)
+    rgbn[3, 20:40, 10:40] = 0
+    return {
+        "rgbn_tagged_rgba": _write(
+            out / "rgbn_tagged_rgba.tif",
+            rgbn,
+            descriptions=("red", "green", "blue", "nir"),
+        )
+    }
 
 
 if __name__ == "__main__":
