@@ -21,6 +21,7 @@ import pytest
 import rasterio
 import torch
 from click.testing import CliRunner, Result
+from conftest import shared
 from rasterio.crs import CRS
 from rasterio.errors import RasterioError
 from rasterio.windows import Window
@@ -369,6 +370,19 @@ def test_a_nir_band_tagged_alpha_is_read_as_data_not_as_a_mask(
     assert scene.nodata_from_bands == (0.0, 0.0, 0.0, 0.0)
     _, valid = read_tile(scene, 0, 0, 60, 80)
     assert int((~valid).sum()) == 30 and not valid[:5, :6].any()
+
+
+def test_nodata_validity_from_the_pixels_read_equals_gdals_mask(rgb_model: Path) -> None:
+    """Landsat RGB with nodata 0 around a tilted footprint: the mask computed from the pixels
+    already read (GDAL's mask band would read every band again) is GDAL's, pixel for pixel."""
+    uri = str(shared("landsat7-rgb/RGB.byte.tif"))
+    scene = open_scene(uri, read_card(rgb_model))
+    assert scene.nodata_from_bands == (0.0, 0.0, 0.0)
+    _, valid = read_tile(scene, 0, 0, scene.height, scene.width)
+    with rasterio.open(uri) as src:
+        gdal_valid = src.dataset_mask() > 0
+    np.testing.assert_array_equal(valid, gdal_valid)
+    assert int((~valid).sum()) == int((~gdal_valid).sum()) > 100_000
 
 
 def test_windows_read_together_equal_windows_read_alone(

@@ -55,7 +55,7 @@ class SegmentOptions:
     overlap: int | None = None
     batch_size: int = 4
     workers: int | None = None  # None: one per GPU, else one
-    streams: int | None = None  # forward passes each actor runs at once; None: 2 on CPU, 1 on GPU
+    streams: int | None = None  # forward passes each actor runs at once; None: 1
     gpus_per_worker: float = 1.0
     device: str = "auto"
     precision: str = "fp32"
@@ -126,12 +126,13 @@ class WorkerPool:
         count = options.workers or (max(1, int(gpus // options.gpus_per_worker)) if use_gpu else 1)
         cpus = cluster_cpus()
         cores_per_actor = max(1, int(cpus // count))
-        # On a CPU, two forward passes at a time, each on half the actor's cores: a pass that
-        # loses a core to reading, blending or writing then holds up only itself, where one pass
-        # on all cores makes every thread wait at each layer for the one that lost its core (2
-        # cores, a neighbour busy 24% of one core: -15% for one 2-thread pass, -9% for two
-        # 1-thread passes; benchmarks/README.md).
-        self.streams = options.streams or (1 if use_gpu else min(2, cores_per_actor))
+        # Forward passes at a time, each on cores / streams threads. Two 1-thread passes lose
+        # less than one 2-thread pass to the reading, blending and writing beside them (every
+        # thread of a pass waits at each layer for the one that lost its core): the default
+        # U-Net ran 7% faster end to end with 2. But a compiled small model ran 25% slower (its
+        # Python wrapper holds the GIL between kernels, and its 1-thread kernels scale badly),
+        # so it is an option (benchmarks/README.md), one by default.
+        self.streams = options.streams or 1
         # Fractional CPUs: actors holding whole CPUs would starve the read tasks (Ray then waits
         # forever). Torch threads share the machine's cores between the actors instead.
         threads = 0 if use_gpu else max(1, cores_per_actor // self.streams)

@@ -14,7 +14,7 @@ import numpy as np
 import rasterio
 from affine import Affine
 from numpy.typing import NDArray
-from rasterio.enums import ColorInterp
+from rasterio.enums import ColorInterp, MaskFlags
 from rasterio.errors import NotGeoreferencedWarning, RasterioError
 from rasterio.windows import Window
 
@@ -44,10 +44,13 @@ class SceneInfo:
     # GDAL options for reading this input (S3 endpoint, HTTP retries), beside READ_ENV. Carried
     # with the scene so that read tasks on any worker open it the same way as the driver.
     gdal_env: tuple[tuple[str, str], ...] = ()
-    # Set when a band the model reads is tagged as alpha (4-band R,G,B,NIR files written with
-    # PHOTOMETRIC=RGB): GDAL's dataset mask would then turn every NIR 0 (dark water) into
-    # nodata, so validity comes from the declared nodata of the bands read instead, as GDAL's
-    # nodata mask has it (valid where any band holds data), one value per band read.
+    # Validity from the declared nodata of the bands read, one value per band (None: none
+    # declared), as GDAL's nodata mask has it: valid where any band holds data. Unset (None),
+    # GDAL's dataset mask is read instead: an internal mask or an alpha band the model does not
+    # read. Set (1) where a band the model reads is tagged alpha (GDAL's default for 4 uint8
+    # bands, so many R,G,B,NIR files): as a mask, every NIR 0 (dark water) would be nodata; (2)
+    # where the mask comes from nodata values alone: computed from the pixels already read, it
+    # costs nothing, where GDAL's mask band reads every band again (4x the read itself, NAIP).
     nodata_from_bands: tuple[float | None, ...] | None = None
 
     def env(self) -> rasterio.Env:
@@ -121,6 +124,7 @@ def open_scene(
                 height, width = src.height, src.width
                 alphas = {i + 1 for i, c in enumerate(src.colorinterp) if c == ColorInterp.alpha}
                 nodatavals = src.nodatavals
+                mask_flags = src.mask_flag_enums
     except RasterioError as exc:
         failed = gdal_request_error(uri, exc, "open it", dict(gdal_options), http_statuses)
         if failed is not None:
@@ -152,6 +156,9 @@ def open_scene(
             f"the file has {', '.join(sorted(dtypes))}: rescale it to what the model card states"
         )
     alpha_is_data = bool(alphas & set(indexes))
+    # Per band, GDAL reports all_valid (no nodata) or nodata (a nodata value) without a mask of
+    # its own; anything else (per_dataset: alpha or internal mask) is a real mask band.
+    from_values = all(set(flags) <= {MaskFlags.all_valid, MaskFlags.nodata} for flags in mask_flags)
     return SceneInfo(
         uri=uri,
         height=height,
@@ -161,7 +168,9 @@ def open_scene(
         band_indexes=indexes,
         dtype=dtype,
         gdal_env=gdal_options,
-        nodata_from_bands=tuple(nodatavals[i - 1] for i in indexes) if alpha_is_data else None,
+        nodata_from_bands=(
+            tuple(nodatavals[i - 1] for i in indexes) if alpha_is_data or from_values else None
+        ),
     )
 
 
@@ -179,9 +188,8 @@ def read_windows(
 
     A window may start before the scene (negative offsets) and end past it: the part outside is
     reflect-padded and marked not valid. Each window gives raw pixel values ``(bands, height,
-    width)`` in the file's dtype and the validity mask: GDAL's dataset mask (declared nodata,
-    internal mask or alpha band; the declared nodata alone where the alpha band is one the model
-    reads, see :class:`SceneInfo`) and non-finite values.
+    width)`` in the file's dtype and the validity mask: declared nodata, internal mask or alpha
+    band (see :attr:`SceneInfo.nodata_from_bands`), and non-finite values.
 
     The file is opened once for all the windows: GDAL's block cache belongs to the open dataset,
     so the blocks that overlapping neighbours share are decoded once (opening the file per tile
