@@ -5,7 +5,7 @@ Self-contained on purpose: it imports only ``geoseg.models``, ``geoseg.engine.pr
 rasterio, so it runs on a bare GPU box.
 Its settings mirror ``geoseg.engine.predict.Predictor`` (normalise on the device, autocast, softmax
 in float32, class = argmax); the ``actor-*`` rows time the Predictor itself (numpy in, float16
-probabilities back on the host, as a CUDA actor returns them).
+probabilities back on the host, as the actor returns them).
 
 For each model directory given:
 

@@ -61,8 +61,8 @@ class SegmentationWorker:
 
     def predict(
         self, batch: tuple[NDArray[np.generic], NDArray[np.bool_], float]
-    ) -> tuple[NDArray[np.floating] | None, NDArray[np.bool_], dict[str, float]]:
-        """Class probabilities ``(B, classes, H, W)`` for the tiles with valid pixels.
+    ) -> tuple[NDArray[np.float16] | None, NDArray[np.bool_], dict[str, float]]:
+        """Class probabilities ``(B, classes, H, W)`` (float16) for the tiles with valid pixels.
 
         Tiles without any valid pixel never reach the model: the probabilities of such a batch are
         ``None`` and their rows are zero.

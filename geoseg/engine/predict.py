@@ -13,11 +13,12 @@ Speed options, each kept only where the class map stays within 0.1% of fp32 (the
   start in seconds).
 * channels_last memory format on the CPU and under autocast on CUDA (where it pays off).
 
-Probabilities leave the step as float32 on the CPU, where the driver blends in float32 anyway
-(numpy's float16 to float32 conversion cost 1.8 ms per 576² tile of 4 classes, ten times the
-blending itself), and as float16 on CUDA, where they cross PCIe: through a reused page-locked host
-buffer per calling thread, since copying them into freshly allocated pageable memory took 3x
-longer than the forward pass itself (H100, ``benchmarks/README.md``).
+Probabilities leave the step as float16: half the bytes through Ray's object store and, on CUDA,
+across PCIe. (float32 on the CPU spared the driver numpy's float16 conversion, 1.1 s of CPU on a
+10k² scene, but the object store's pages it touched raised the 40k² run's peak memory from 2.9 to
+3.5 GiB.) On CUDA they come back through a reused page-locked host buffer per calling thread:
+copying them into freshly allocated pageable memory took 3x longer than the forward pass itself
+(H100, ``benchmarks/README.md``).
 
 A predictor may be called from several threads at once (an actor running several forward passes
 at a time): calls share nothing but the model.
@@ -85,7 +86,6 @@ class Predictor:
         if compile:
             self._forward = torch.compile(self._forward_eager, dynamic=False)
             self._step = torch.compile(self._step_eager, dynamic=False)
-        self.output_dtype = torch.float16 if self.device.type == "cuda" else torch.float32
         self._local = threading.local()  # .host: this thread's page-locked buffer (CUDA)
         log.info(
             "model %s on %s (%s%s)",
@@ -102,7 +102,7 @@ class Predictor:
 
     def _step_eager(self, raw: torch.Tensor) -> torch.Tensor:
         logits = self._forward_eager(normalize(raw, self.card))
-        return torch.softmax(logits.float(), dim=1).to(self.output_dtype)
+        return torch.softmax(logits.float(), dim=1).to(torch.float16)
 
     @torch.inference_mode()
     def logits(self, x: torch.Tensor) -> torch.Tensor:
@@ -111,12 +111,11 @@ class Predictor:
         return out
 
     @torch.inference_mode()
-    def probabilities(self, data: NDArray[np.generic]) -> NDArray[np.floating]:
-        """Class probabilities ``(B, classes, H, W)`` of raw tiles ``(B, bands, H, W)``.
+    def probabilities(self, data: NDArray[np.generic]) -> NDArray[np.float16]:
+        """Class probabilities ``(B, classes, H, W)`` float16 of raw tiles ``(B, bands, H, W)``.
 
-        float32 on the CPU, float16 on CUDA (:attr:`output_dtype`). The array may be a view of a
-        buffer reused by this thread's next call: the caller copies it (a Ray actor does so when it
-        stores its return value) before calling again.
+        The array may be a view of a buffer reused by this thread's next call: the caller copies it
+        (a Ray actor does so when it stores its return value) before calling again.
         """
         count = len(data)
         x = torch.from_numpy(np.ascontiguousarray(data)).to(self.device, non_blocking=True)

@@ -231,7 +231,7 @@ def _stitch_and_write(
     batches = _chunks(grid.tiles(), options.batch_size)
     in_flight_max = options.tiles_in_flight or 2 * len(pool.actors) * pool.streams + 1
     pending: dict[ray.ObjectRef[Any], tuple[list[Tile], int]] = {}
-    empty: NDArray[np.float32] | None = None
+    empty: NDArray[np.float16] | None = None
     timings = {"read_s": 0.0, "infer_s": 0.0, "stitch_s": 0.0, "wait_s": 0.0, "crf_s": 0.0}
     progress = tqdm(
         total=len(grid),
@@ -260,7 +260,7 @@ def _stitch_and_write(
             for i, tile in enumerate(tiles):
                 if probs is None:
                     if empty is None:
-                        empty = np.zeros((card.num_classes, tile.height, tile.width), np.float32)
+                        empty = np.zeros((card.num_classes, tile.height, tile.width), np.float16)
                     tile_probs = empty
                 else:
                     tile_probs = probs[i]
