@@ -129,9 +129,9 @@ class WorkerPool:
         # Forward passes at a time, each on cores / streams threads. Two 1-thread passes lose
         # less than one 2-thread pass to the reading, blending and writing beside them (every
         # thread of a pass waits at each layer for the one that lost its core): the default
-        # U-Net ran 7% faster end to end with 2. But a compiled small model ran 25% slower (its
-        # Python wrapper holds the GIL between kernels, and its 1-thread kernels scale badly),
-        # so it is an option (benchmarks/README.md), one by default.
+        # U-Net ran 0-7% faster end to end with 2 on 2 cores. But a compiled small model ran 25%
+        # slower (its Python wrapper holds the GIL between kernels, and its 1-thread kernels
+        # scale badly), so it is an option (benchmarks/README.md), one by default.
         self.streams = options.streams or 1
         # Fractional CPUs: actors holding whole CPUs would starve the read tasks (Ray then waits
         # forever). Torch threads share the machine's cores between the actors instead.
