@@ -56,3 +56,7 @@ class InputChangedError(InputError):
 
 class DuplicateSubmissionError(GeosegError, RuntimeError):
     """The same job (same config and inputs) was submitted to the cluster already."""
+
+
+class CompileError(GeosegError, RuntimeError):
+    """A model compiled ahead of time disagrees with the model it was compiled from."""

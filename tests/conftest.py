@@ -29,6 +29,17 @@ def shared(relative: str) -> Path:
     return path
 
 
+@pytest.fixture(scope="session", autouse=True)
+def compile_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Compiled model packages of this session (never the user's cache); set before Ray starts,
+    so that actors and CLI subprocesses inherit it."""
+    from geoseg.engine.aot import CACHE_ENV
+
+    path = tmp_path_factory.mktemp("compiled")
+    os.environ[CACHE_ENV] = str(path)
+    return path
+
+
 @pytest.fixture(scope="session")
 def ray_local() -> Iterator[None]:
     """One embedded local Ray for the whole session (as `geoseg segment` starts it)."""

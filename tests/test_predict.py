@@ -15,7 +15,7 @@ from conftest import AERIAL
 from geoseg.engine.job import segment
 from geoseg.engine.predict import Predictor
 from geoseg.engine.scene import SegmentOptions
-from geoseg.errors import ConfigError
+from geoseg.errors import CompileError, ConfigError
 from geoseg.models.store import load_model, normalize
 
 SCENE = AERIAL / "23322E759967N_clipped_1m_1of2.tif"  # 341 x 280 RGB
@@ -44,13 +44,13 @@ def test_probabilities_are_the_models_softmax(trained_aerial_model: Path) -> Non
     np.testing.assert_allclose(probs.astype(np.float32), expected, atol=1e-3)
 
 
-def test_compiled_model_pads_a_short_batch_and_compiles_once(trained_aerial_model: Path) -> None:
-    from torch._dynamo.utils import counters
-
-    torch._dynamo.reset()
-    counters.clear()
+def test_compiled_model_pads_a_short_batch_and_compiles_once(
+    trained_aerial_model: Path, compile_cache: Path
+) -> None:
     eager = Predictor(trained_aerial_model, "cpu")
     compiled = Predictor(trained_aerial_model, "cpu", compile=True, batch_size=4)
+    before = set(compile_cache.glob("*.pt2"))
+    results = {}
     for count in (4, 3, 1):  # a full batch, then short ones (a scene's last batch)
         data = _tiles(count)
         got = compiled.probabilities(data)
@@ -58,7 +58,42 @@ def test_compiled_model_pads_a_short_batch_and_compiles_once(trained_aerial_mode
         assert got.shape == want.shape == (count, 5, 128, 128)
         assert (got.argmax(1) == want.argmax(1)).mean() >= 0.9999
         np.testing.assert_allclose(got.astype(np.float32), want.astype(np.float32), atol=2e-3)
-    assert counters["stats"]["unique_graphs"] == 1
+        results[count] = got
+    # One package for the three batch sizes, kept in the cache.
+    built = compiled._step.built
+    assert len(built) == 1 and set(compile_cache.glob("*.pt2")) - before == set(built)
+    # A new process (here: a new predictor) loads it instead of compiling, same numbers.
+    again = Predictor(trained_aerial_model, "cpu", compile=True, batch_size=4)
+    np.testing.assert_array_equal(again.probabilities(_tiles(3)), results[3])
+    assert again._step.built == []
+
+
+def test_an_unreadable_compiled_package_is_compiled_again(trained_aerial_model: Path) -> None:
+    first = Predictor(trained_aerial_model, "cpu", "bf16", compile=True, batch_size=2)
+    want = first.probabilities(_tiles(2))
+    (package,) = first._step.built
+    package.write_bytes(b"PK\x03\x04 truncated")  # e.g. a disk that filled up mid-copy
+    second = Predictor(trained_aerial_model, "cpu", "bf16", compile=True, batch_size=2)
+    np.testing.assert_array_equal(second.probabilities(_tiles(2)), want)
+    assert second._step.built == [package] and package.stat().st_size > 100_000
+
+
+def test_a_compiled_graph_that_disagrees_with_the_model_is_refused(
+    trained_aerial_model: Path, compile_cache: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A faulty compiler (here: the exported graph reverses the classes) never reaches the cache."""
+    from geoseg.engine import aot
+
+    def swapped(self: aot._Graph, x: torch.Tensor) -> torch.Tensor:
+        return self.function(x)[:, [4, 3, 2, 1, 0]]
+
+    monkeypatch.setattr(aot._Graph, "forward", swapped)
+    before = sorted(compile_cache.iterdir())
+    predictor = Predictor(trained_aerial_model, "cpu", compile=True, batch_size=3)
+    refused = r"disagrees with the eager model on its first batch \(.*class agreement \d+\.\d+%\)"
+    with pytest.raises(CompileError, match=refused + ": run without --compile"):
+        predictor.probabilities(_tiles(3))
+    assert sorted(compile_cache.iterdir()) == before  # nothing stored, no temporary left
 
 
 def test_bf16_autocast_keeps_the_class_map(trained_aerial_model: Path) -> None:

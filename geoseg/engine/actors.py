@@ -45,10 +45,13 @@ class SegmentationWorker:
         threads: int,
         compile: bool = False,
         batch_size: int | None = None,
+        streams: int = 1,
     ) -> None:
         if threads > 0:
             torch.set_num_threads(threads)
-        self.predictor = Predictor(Path(model_dir), device, precision, compile, batch_size)
+        self.predictor = Predictor(
+            Path(model_dir), device, precision, compile, batch_size, concurrency=streams
+        )
         self.card = self.predictor.card
         self.device = self.predictor.device
 

@@ -8,9 +8,11 @@ Speed options, each kept only where the class map stays within 0.1% of fp32 (the
 
 * ``precision``: ``bf16`` or ``fp16`` autocast (fp16 on CUDA only: CPUs without AMX-FP16 run it
   slower than fp32). Probabilities are always computed in float32 from the logits.
-* ``compile``: ``torch.compile`` (inductor). Shapes are kept static: a short last batch is padded
-  to the batch size, so one scene compiles once (the inductor cache on disk makes later processes
-  start in seconds).
+* ``compile``: inductor's kernels. On the CPU the graph is compiled ahead of time into a package
+  cached on disk (:mod:`geoseg.engine.aot`: a process loads it in milliseconds, where
+  ``torch.compile`` spent ~4 s per process on dynamo and its cache); on CUDA, ``torch.compile``.
+  Shapes are kept static: a short last batch is padded to the batch size, so one scene compiles
+  once.
 * channels_last memory format on the CPU and under autocast on CUDA (where it pays off).
 
 Probabilities leave the step as float16: half the bytes through Ray's object store and, on CUDA,
@@ -35,6 +37,7 @@ import numpy as np
 import torch
 from numpy.typing import NDArray
 
+from geoseg.engine.aot import AheadOfTime
 from geoseg.errors import ConfigError
 from geoseg.models.store import load_model, normalize
 
@@ -62,7 +65,9 @@ class Predictor:
         precision: str = "fp32",
         compile: bool = False,
         batch_size: int | None = None,
+        concurrency: int = 1,
     ) -> None:
+        """``concurrency``: how many threads may call at once (an actor's forward streams)."""
         self.card, model, self.weights_sha256 = load_model(model_dir)
         self.card.check_precision(precision)
         self.device = choose_device(device)
@@ -83,7 +88,22 @@ class Predictor:
         # forward) and the actors' whole step, normalisation and softmax fused with the model.
         self._forward: Any = self._forward_eager
         self._step: Any = self._step_eager
-        if compile:
+        if compile and self.device.type == "cpu":
+            identity = {
+                "weights": self.weights_sha256,
+                "card": self.card.model_dump(
+                    mode="json", include={"arch", "arch_args", "bands", "normalization"}
+                ),
+                "precision": precision,
+                "channels_last": self.channels_last,
+            }
+            self._forward = AheadOfTime(
+                self._forward_eager, model, {**identity, "graph": "forward"}, concurrency
+            )
+            self._step = AheadOfTime(
+                self._step_eager, model, {**identity, "graph": "step"}, concurrency
+            )
+        elif compile:
             self._forward = torch.compile(self._forward_eager, dynamic=False)
             self._step = torch.compile(self._step_eager, dynamic=False)
         self._local = threading.local()  # .host: this thread's page-locked buffer (CUDA)

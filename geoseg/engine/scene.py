@@ -151,6 +151,7 @@ class WorkerPool:
                 threads,
                 options.compile,
                 options.batch_size,
+                self.streams,
             )
             for _ in range(count)
         ]
