@@ -15,8 +15,11 @@ loops). Before it is stored, it runs the first batch it was built for beside the
 must agree with it (:func:`agrees`): an export made outside inference mode once compiled a U-Net
 here into a graph that agreed on 46% of the classes.
 
-CUDA keeps ``torch.compile`` (:mod:`geoseg.engine.predict`): an AOTInductor package for CUDA
-needs the CUDA toolkit's headers at build time, which a pip-installed torch does not bring.
+A package's runner holds the GIL for the whole forward pass (a Python thread beside it ran 30x
+slower), so threads calling one predictor would run one at a time: an actor running several
+forward streams, and CUDA, keep ``torch.compile`` (:mod:`geoseg.engine.predict`); an AOTInductor
+package for CUDA also needs the CUDA toolkit's headers at build time, which a pip-installed torch
+does not bring.
 """
 
 from __future__ import annotations
@@ -83,8 +86,7 @@ class AheadOfTime:
     """``function`` (a graph over ``model``) run from AOTInductor packages, one per input shape.
 
     ``identity``: what, besides the input and the platform, makes the compiled code differ (the
-    weights' hash, the card, the precision...); ``concurrency``: how many threads may call at
-    once (each gets its own runner of the package).
+    weights' hash, the card, the precision...).
     """
 
     def __init__(
@@ -92,12 +94,10 @@ class AheadOfTime:
         function: Callable[[torch.Tensor], torch.Tensor],
         model: torch.nn.Module,
         identity: dict[str, Any],
-        concurrency: int = 1,
     ) -> None:
         self.function = function
         self.model = model
         self.identity = identity
-        self.concurrency = max(1, concurrency)
         self.built: list[Path] = []  # packages compiled by this object (the rest were loaded)
         self._runners: dict[tuple[Any, ...], Any] = {}
         self._lock = threading.Lock()
@@ -106,7 +106,7 @@ class AheadOfTime:
         key = (tuple(x.shape), x.dtype)
         runner = self._runners.get(key)
         if runner is None:
-            with self._lock:  # two streams' first calls compile once
+            with self._lock:  # two threads' first calls compile once
                 runner = self._runners.get(key) or self._load_or_build(x)
                 self._runners[key] = runner
         out: torch.Tensor = runner.run([x])[0]
@@ -136,7 +136,7 @@ class AheadOfTime:
 
     def _load(self, path: Path) -> Any:
         loader = torch._C._aoti.AOTIModelPackageLoader  # type: ignore[attr-defined]
-        return loader(str(path), "model", False, self.concurrency, -1)
+        return loader(str(path), "model", False, 1, -1)  # one runner, device index unused
 
     def _build(self, x: torch.Tensor, path: Path) -> None:
         import torch._inductor  # only when compiling: importing it costs ~1 s

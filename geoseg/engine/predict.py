@@ -10,7 +10,8 @@ Speed options, each kept only where the class map stays within 0.1% of fp32 (the
   slower than fp32). Probabilities are always computed in float32 from the logits.
 * ``compile``: inductor's kernels. On the CPU the graph is compiled ahead of time into a package
   cached on disk (:mod:`geoseg.engine.aot`: a process loads it in milliseconds, where
-  ``torch.compile`` spent ~4 s per process on dynamo and its cache); on CUDA, ``torch.compile``.
+  ``torch.compile`` spent ~4 s per process on dynamo and its cache); on CUDA, and where several
+  threads call at once (``concurrency``: an AOTInductor run holds the GIL), ``torch.compile``.
   Shapes are kept static: a short last batch is padded to the batch size, so one scene compiles
   once.
 * channels_last memory format on the CPU and under autocast on CUDA (where it pays off).
@@ -88,7 +89,7 @@ class Predictor:
         # forward) and the actors' whole step, normalisation and softmax fused with the model.
         self._forward: Any = self._forward_eager
         self._step: Any = self._step_eager
-        if compile and self.device.type == "cpu":
+        if compile and self.device.type == "cpu" and concurrency == 1:
             identity = {
                 "weights": self.weights_sha256,
                 "card": self.card.model_dump(
@@ -97,16 +98,14 @@ class Predictor:
                 "precision": precision,
                 "channels_last": self.channels_last,
             }
-            self._forward = AheadOfTime(
-                self._forward_eager, model, {**identity, "graph": "forward"}, concurrency
-            )
-            self._step = AheadOfTime(
-                self._step_eager, model, {**identity, "graph": "step"}, concurrency
-            )
-        elif compile:
+            forward, step = {**identity, "graph": "forward"}, {**identity, "graph": "step"}
+            self._forward = AheadOfTime(self._forward_eager, model, forward)
+            self._step = AheadOfTime(self._step_eager, model, step)
+        elif compile:  # CUDA, or several threads at once (an AOTInductor run holds the GIL)
             self._forward = torch.compile(self._forward_eager, dynamic=False)
             self._step = torch.compile(self._step_eager, dynamic=False)
-        self._local = threading.local()  # .host: this thread's page-locked buffer (CUDA)
+        # Per calling thread: .host, its page-locked buffer (CUDA); .configured (_configure_thread)
+        self._local = threading.local()
         log.info(
             "model %s on %s (%s%s)",
             self.card.name, self.device, precision, ", compiled" if compile else "",
@@ -124,9 +123,19 @@ class Predictor:
         logits = self._forward_eager(normalize(raw, self.card))
         return torch.softmax(logits.float(), dim=1).to(torch.float16)
 
+    def _configure_thread(self) -> None:
+        # OpenMP's thread count belongs to each calling thread, and code compiled ahead of time
+        # (oneDNN inside it) takes it from there: called from a thread torch never configured (a
+        # pool thread of the benchmarks), it would run on every core whatever torch was told.
+        # Torch's own setting is applied once per calling thread.
+        if not getattr(self._local, "configured", False):
+            torch.set_num_threads(torch.get_num_threads())
+            self._local.configured = True
+
     @torch.inference_mode()
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """The model on a normalised batch on this device, under the configured autocast."""
+        self._configure_thread()
         out: torch.Tensor = self._forward(x)
         return out
 
@@ -137,6 +146,7 @@ class Predictor:
         The array may be a view of a buffer reused by this thread's next call: the caller copies it
         (a Ray actor does so when it stores its return value) before calling again.
         """
+        self._configure_thread()
         count = len(data)
         x = torch.from_numpy(np.ascontiguousarray(data)).to(self.device, non_blocking=True)
         if self.compiled and self.batch_size and count < self.batch_size:
