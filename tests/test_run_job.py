@@ -173,7 +173,7 @@ def test_overwritten_input_fails_that_scene_only(
 
     from geoseg.engine import runner as runner_module
 
-    original = runner_module.segment_scene
+    original = runner_module.infer_scene
 
     def segment_then_overwrite(*args: Any, **kwargs: Any) -> Any:
         if args[0] == str(victim):
@@ -181,7 +181,7 @@ def test_overwritten_input_fails_that_scene_only(
         return original(*args, **kwargs)
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(runner_module, "segment_scene", segment_then_overwrite)
+        mp.setattr(runner_module, "infer_scene", segment_then_overwrite)
         summary = run_job(config, progress=False)
     assert summary.line == "1 new, 0 unchanged, 1 failed"
     [failed] = summary.failed

@@ -88,7 +88,8 @@ def make_geoseg_scene(folder: Path, h: int = 150, w: int = 200) -> tuple[Path, S
     ).astype(np.uint8)
     writer = ClassRasterWriter(folder, scene, card().classes, confidence=True)
     writer.write(0, 0, mask, confidence)
-    writer.finish()
+    writer.close_streams()
+    writer.write_cogs()
     return folder / "mask.tif", scene
 
 

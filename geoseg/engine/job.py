@@ -8,6 +8,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict
 from datetime import UTC, datetime
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -18,11 +19,13 @@ import torch
 from geoseg import __version__
 from geoseg.engine.runtime import start_ray
 from geoseg.engine.scene import (
+    PendingScene,
+    SceneOverlap,
     SceneResult,
     SegmentOptions,
     WorkerPool,
+    infer_scene,
     resolve_crf,
-    segment_scene,
 )
 from geoseg.io.job_outputs import JobOutputs, write_job_outputs
 from geoseg.io.outputs import scene_output_name, write_json_atomic
@@ -96,6 +99,17 @@ def job_outputs(
     return {**outputs.to_json(), "seconds": time.perf_counter() - t0}
 
 
+def _finish_and_log(pending: PendingScene) -> SceneResult:
+    result = pending.finish()
+    if result.status == "ok":
+        mp = (result.height or 0) * (result.width or 0) / 1e6
+        log.info(
+            "%s: ok, %d tiles, %.2f MP in %.1f s, %s polygons",
+            result.uri, result.tiles, mp, result.timings_s["total_s"], result.polygons,
+        )  # fmt: skip
+    return result
+
+
 def segment(
     uris: list[str],
     model_dir: Path,
@@ -123,36 +137,36 @@ def segment(
         "crf": None if crf is None else {**asdict(crf), "halo": crf.halo},
         "scenes": [],
     }
-    results = []
-    try:
-        for uri, name in zip(uris, _names(uris), strict=True):
-            if name is None:
-                result = SceneResult(
-                    uri=uri,
-                    name=None,
-                    status="failed",
-                    error_type="UnsafeOutputNameError",
-                    error=f"{uri}: its output name is taken by an earlier input or cannot be made "
-                    "safe; rename the file",
-                )
-                log.error(result.error)
-            else:
-                t0 = time.perf_counter()
-                result = segment_scene(uri, card, pool, out_root, options, name=name)
-                if result.status == "ok":
-                    mp = (result.height or 0) * (result.width or 0) / 1e6
-                    log.info(
-                        "%s: ok, %d tiles, %.2f MP in %.1f s, %s polygons",
-                        uri,
-                        result.tiles,
-                        mp,
-                        time.perf_counter() - t0,
-                        result.polygons,
-                    )
+    results: list[SceneResult] = []
+
+    def record(done: list[SceneResult]) -> None:
+        for result in done:
             results.append(result)
             run["scenes"].append(result.to_json())
-            # Written after every scene: a crash later in the run keeps this record.
             write_json_atomic(out_root / RUN_FILE, run)
+
+    try:
+        # Each scene's COGs and polygons are written while the next one's tiles are inferred; an
+        # interrupt still waits for the scene finishing and records it.
+        with SceneOverlap[SceneResult]() as overlap:
+            try:
+                for uri, name in zip(uris, _names(uris), strict=True):
+                    if name is None:
+                        failed = SceneResult(
+                            uri=uri,
+                            name=None,
+                            status="failed",
+                            error_type="UnsafeOutputNameError",
+                            error=f"{uri}: its output name is taken by an earlier input or cannot "
+                            "be made safe; rename the file",
+                        )
+                        log.error(failed.error)
+                        pending = PendingScene(failed, time.perf_counter())
+                    else:
+                        pending = infer_scene(uri, card, pool, out_root, options, name=name)
+                    record(overlap.submit(partial(_finish_and_log, pending)))
+            finally:
+                record(overlap.drain())
     finally:
         pool.shutdown()
     run["job_outputs"] = job_outputs(

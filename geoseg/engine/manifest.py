@@ -50,6 +50,7 @@ class Manifest:
 
     store: OutputStore
     scenes: dict[str, dict[str, Any]] = field(default_factory=dict)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
     @classmethod
     def load(cls, store: OutputStore) -> Manifest:
@@ -68,12 +69,15 @@ class Manifest:
 
     def owns(self, name: str) -> bool:
         """Whether the output folder ``name`` was written by a run of this manifest."""
-        return any(r.get("name") == name for r in self.scenes.values())
+        with self._lock:
+            return any(r.get("name") == name for r in self.scenes.values())
 
     def record(self, uri: str, **values: Any) -> None:
-        """Set ``uri``'s record and write the manifest (atomically) at once."""
-        self.scenes[uri] = {**values, "updated": now_iso()}
-        self.store.write_json(MANIFEST_KEY, {"version": 1, "scenes": self.scenes})
+        """Set ``uri``'s record and write the manifest (atomically) at once; thread-safe (a scene
+        is finished on another thread while the next one starts)."""
+        with self._lock:
+            self.scenes[uri] = {**values, "updated": now_iso()}
+            self.store.write_json(MANIFEST_KEY, {"version": 1, "scenes": self.scenes})
 
     def committed(self) -> dict[str, dict[str, Any]]:
         """Records of scenes whose outputs are committed, by URI."""

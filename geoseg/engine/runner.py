@@ -15,10 +15,10 @@ import logging
 import re
 import shutil
 import tempfile
-import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from datetime import UTC, datetime
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -27,11 +27,13 @@ from geoseg.engine.job import job_outputs, run_provenance
 from geoseg.engine.manifest import Manifest, RunLock
 from geoseg.engine.runtime import start_ray
 from geoseg.engine.scene import (
+    PendingScene,
+    SceneOverlap,
     SceneResult,
     SegmentOptions,
     WorkerPool,
+    infer_scene,
     resolve_crf,
-    segment_scene,
 )
 from geoseg.errors import (
     GeosegError,
@@ -249,18 +251,23 @@ class _Run:
         except Exception as exc:  # noqa: BLE001 - a quicklook never fails a committed scene
             log.warning("%s: quicklook failed: %s", item.uri, exc)
 
-    def segment(self, item: PlannedInput, pool: WorkerPool, options: SegmentOptions) -> SceneResult:
+    def segment(
+        self, item: PlannedInput, pool: WorkerPool, options: SegmentOptions
+    ) -> Callable[[], SceneResult]:
+        """Infer ``item``'s tiles; what is left (COGs, polygons, commit, upload, manifest,
+        quicklook) is returned, to run while the next scene is inferred."""
         name = item.name
         if name is None:
-            return _failed(
+            failed = _failed(
                 item.uri,
                 None,
                 f"{item.uri}: its output name is taken by an earlier input or cannot be made "
                 "safe; rename the file",
                 "UnsafeOutputNameError",
             )
+            return lambda: failed
         if not (options.overwrite or self.manifest.owns(name)) and self.store.exists(name):
-            return _failed(
+            exists = _failed(
                 item.uri,
                 name,
                 OutputExistsError(
@@ -269,11 +276,19 @@ class _Run:
                 ),
                 "OutputExistsError",
             )
+            return lambda: exists
         self.manifest.record(
             item.uri, name=name, identity=item.identity, status="running",
             weights_sha256=self.weights_sha256, config_digest=self.digest,
         )  # fmt: skip
+        pending = infer_scene(
+            item.path, self.card, pool, self.local_root,
+            SegmentOptions(**{**asdict(options), "overwrite": True}),
+            name=name, gdal_env=self.gdal_env,
+        )  # fmt: skip
+        return partial(self._finish, item, name, pending)
 
+    def _finish(self, item: PlannedInput, name: str, pending: PendingScene) -> SceneResult:
         def unchanged_input() -> None:
             if item.check_identity:
                 now = input_identity(item.uri, self.config.storage)
@@ -283,12 +298,7 @@ class _Run:
                         f"-> {now}); its outputs were discarded, the next run segments it again"
                     )
 
-        t0 = time.perf_counter()
-        result = segment_scene(
-            item.path, self.card, pool, self.local_root,
-            SegmentOptions(**{**asdict(options), "overwrite": True}),
-            name=name, gdal_env=self.gdal_env, before_commit=unchanged_input,
-        )  # fmt: skip
+        result = pending.finish(before_commit=unchanged_input)
         result.uri = item.uri
         if result.status == "ok" and self.remote:
             try:
@@ -318,7 +328,7 @@ class _Run:
         mp = (result.height or 0) * (result.width or 0) / 1e6
         log.info(
             "%s: ok, %d tiles, %.2f MP in %.1f s, %s polygons",
-            item.uri, result.tiles, mp, time.perf_counter() - t0, result.polygons,
+            item.uri, result.tiles, mp, result.timings_s["total_s"], result.polygons,
         )  # fmt: skip
         return result
 
@@ -422,19 +432,36 @@ def _run(
             {"uri": u, "name": job.manifest.scenes[u].get("name"), "status": "unchanged"}
             for u in unchanged
         ]
-        for item in todo:
-            assert pool is not None
-            if lock.lost.is_set():
-                raise LockedError(f"{job.store.uri}: lost the output root's lock; stopping")
-            result = job.segment(item, pool, options)
-            results.append(result)
-            run["scenes"].append(result.to_json())
-            job.write_run(run)
-            if on_scene is not None:
-                on_scene(result)
-            if result.status != "ok" and config.runtime.fail_fast:
-                log.error("fail_fast: stopping after the first failed scene")
-                break
+        stop = False
+
+        def collect(done: list[SceneResult]) -> None:
+            nonlocal stop
+            for result in done:
+                results.append(result)
+                run["scenes"].append(result.to_json())
+                job.write_run(run)
+                if on_scene is not None:
+                    on_scene(result)
+                if result.status != "ok" and config.runtime.fail_fast:
+                    stop = True
+
+        # Each scene's COGs, polygons and upload run while the next one's tiles are inferred; an
+        # interrupt still waits for the scene finishing and records it.
+        with SceneOverlap[SceneResult]() as overlap:
+            try:
+                for item in todo:
+                    assert pool is not None
+                    if lock.lost.is_set():
+                        raise LockedError(f"{job.store.uri}: lost the output root's lock; stopping")
+                    collect(overlap.submit(job.segment(item, pool, options)))
+                    if config.runtime.fail_fast:
+                        collect(overlap.drain())  # stop before the next scene: no overlap
+                    if stop:
+                        break
+            finally:
+                collect(overlap.drain())
+        if stop:
+            log.error("fail_fast: stopped after the first failed scene")
     finally:
         if pool is not None:
             pool.shutdown()

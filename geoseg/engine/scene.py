@@ -12,9 +12,11 @@ import logging
 import sys
 import time
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import numpy as np
 import ray
@@ -43,6 +45,8 @@ from geoseg.tiling.grid import Tile, TileGrid
 from geoseg.vectorize import CoverageOptions, vectorize_strips
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 POLYGON_STRIP_ROWS = 512
 
@@ -107,6 +111,10 @@ class SceneResult:
     polygons: int | None = None
     pixel_area_m2: float | None = None  # None in a geographic CRS
     band_indexes: tuple[int, ...] | None = None  # 1-based file bands feeding the card's bands
+    # Wall clock (UTC, ISO 8601): the first tile's start, the commit (or failure). A scene's
+    # finishing overlaps the next one's tiles, so these can interleave.
+    started: str | None = None
+    finished: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -324,7 +332,82 @@ def _polygonize(
     return len(layer)
 
 
-def segment_scene(
+def _now() -> str:
+    return datetime.now(UTC).isoformat()
+
+
+def _record_failure(result: SceneResult, exc: Exception) -> None:
+    cause = exc.cause if isinstance(exc, ray.exceptions.RayTaskError) and exc.cause else exc
+    result.error = str(cause).strip()
+    result.error_type = type(cause).__name__
+    log.error("%s: failed: %s", result.uri, result.error)
+    log.debug("traceback", exc_info=True)
+
+
+class PendingScene:
+    """A scene whose tiles are all inferred and whose streamed rasters are closed (or that failed).
+
+    What is left, :meth:`finish` (COG conversion, polygons, the atomic commit), needs neither Ray
+    nor the model and runs on any thread: :class:`SceneOverlap` runs it while the next scene's
+    tiles stream through the actors.
+    """
+
+    def __init__(
+        self,
+        result: SceneResult,
+        started: float,
+        work: tuple[SceneOutput, ClassRasterWriter, SceneInfo, ModelCard, SegmentOptions, Any]
+        | None = None,
+    ) -> None:
+        self.result = result
+        self.started = started
+        self._work = work  # None: failed already (the outputs were removed)
+
+    def finish(self, before_commit: Callable[[], None] | None = None) -> SceneResult:
+        """COGs, polygons and commit; failures are recorded in the result, never raised.
+
+        ``before_commit`` runs when every output is complete, just before the folder is renamed
+        into place: whatever it raises fails the scene (the job runner checks there that the
+        input did not change during the run).
+        """
+        result = self.result
+        if self._work is None:
+            return result
+        output, writer, scene, card, options, weights_sha256 = self._work
+        self._work = None
+        committed = False
+        try:
+            t0 = time.perf_counter()
+            writer.write_cogs()
+            result.timings_s["cog_s"] += time.perf_counter() - t0
+            if options.polygons:
+                t0 = time.perf_counter()
+                result.polygons = _polygonize(
+                    output.tmp,
+                    scene,
+                    card,
+                    mask_dtype(card.num_classes)[1],
+                    options,
+                    weights_sha256,
+                    result.name,
+                )
+                result.timings_s["polygons_s"] = time.perf_counter() - t0
+            if before_commit is not None:
+                before_commit()
+            output.commit()
+            committed = True
+            result.status = "ok"
+        except Exception as exc:  # noqa: BLE001 - any failure is this scene's, in its result
+            _record_failure(result, exc)
+        finally:
+            if not committed:
+                output.abort()
+            result.timings_s["total_s"] = time.perf_counter() - self.started
+            result.finished = _now()
+        return result
+
+
+def infer_scene(
     uri: str,
     card: ModelCard,
     pool: WorkerPool,
@@ -332,15 +415,13 @@ def segment_scene(
     options: SegmentOptions,
     name: str | None = None,
     gdal_env: dict[str, str] | None = None,
-    before_commit: Callable[[], None] | None = None,
-) -> SceneResult:
-    """Segment one scene into ``out_root/<name>/``; failures are returned, never raised.
+) -> PendingScene:
+    """Stream one scene's tiles through the model into ``out_root/<name>/`` (not yet committed).
 
-    ``gdal_env``: GDAL options for reading ``uri``; ``before_commit`` runs when every output is
-    complete, just before the folder is renamed into place: whatever it raises fails the scene
-    (the job runner checks there that the input did not change during the run).
+    Failures are recorded in the result, never raised: the pending scene then has nothing left to
+    do. An interrupt (KeyboardInterrupt) removes the partial outputs and propagates.
     """
-    result = SceneResult(uri=uri, name=name, status="failed")
+    result = SceneResult(uri=uri, name=name, status="failed", started=_now())
     start = time.perf_counter()
     output: SceneOutput | None = None
     writer: ClassRasterWriter | None = None
@@ -357,39 +438,63 @@ def segment_scene(
         writer = ClassRasterWriter(output.tmp, scene, card.classes, options.confidence)
         _stitch_and_write(scene, card, grid, pool, writer, options, result)
         t0 = time.perf_counter()
-        writer.finish()
+        writer.close_streams()
         result.timings_s["cog_s"] = time.perf_counter() - t0
         result.class_pixels = {
             c.name: int(n) for c, n in zip(card.classes, writer.class_pixels, strict=True)
         }
-        writer = None
-        if options.polygons:
-            t0 = time.perf_counter()
-            result.polygons = _polygonize(
-                output.tmp,
-                scene,
-                card,
-                mask_dtype(card.num_classes)[1],
-                options,
-                pool.info[0].get("weights_sha256") if pool.info else None,
-                result.name,
-            )
-            result.timings_s["polygons_s"] = time.perf_counter() - t0
-        if before_commit is not None:
-            before_commit()
-        output.commit()
-        output = None
-        result.status = "ok"
-    except Exception as exc:
-        cause = exc.cause if isinstance(exc, ray.exceptions.RayTaskError) and exc.cause else exc
-        result.error = str(cause).strip()
-        result.error_type = type(cause).__name__
-        log.error("%s: failed: %s", uri, result.error)
-        log.debug("traceback", exc_info=True)
+        weights = pool.info[0].get("weights_sha256") if pool.info else None
+        pending = PendingScene(result, start, (output, writer, scene, card, options, weights))
+        output = writer = None
+        return pending
+    except Exception as exc:  # noqa: BLE001 - any failure is this scene's, in its result
+        _record_failure(result, exc)
     finally:
         if writer is not None:
             writer.close()
         if output is not None:
             output.abort()
-        result.timings_s["total_s"] = time.perf_counter() - start
-    return result
+    result.timings_s["total_s"] = time.perf_counter() - start
+    result.finished = _now()
+    return PendingScene(result, start)
+
+
+def segment_scene(
+    uri: str,
+    card: ModelCard,
+    pool: WorkerPool,
+    out_root: Path,
+    options: SegmentOptions,
+    name: str | None = None,
+) -> SceneResult:
+    """Segment one scene into ``out_root/<name>/`` from start to commit, on this thread."""
+    return infer_scene(uri, card, pool, out_root, options, name).finish()
+
+
+class SceneOverlap(Generic[T]):
+    """Runs the finishing of one scene on a background thread while the caller infers the next.
+
+    On 2 cores a 10k x 10k scene's COGs and polygons take ~15 s in the driver, most of it on one
+    core, while the model actors have nothing to do; overlapped, the next scene's tiles use it.
+    ``submit(finish)`` first waits for the scene finishing before (one at a time: one scene's
+    polygons in memory), then starts ``finish`` and returns what the one before returned (nothing
+    the first time); :meth:`drain` waits for the last. Leaving the ``with`` block waits too, also
+    on an interrupt: a scene whose tiles were all inferred is still committed and recorded.
+    """
+
+    def __enter__(self) -> SceneOverlap[T]:
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix="geoseg-finish")
+        self._running: Future[T] | None = None
+        return self
+
+    def submit(self, finish: Callable[[], T]) -> list[T]:
+        done = self.drain()
+        self._running = self._executor.submit(finish)
+        return done
+
+    def drain(self) -> list[T]:
+        running, self._running = self._running, None
+        return [] if running is None else [running.result()]
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._executor.shutdown(wait=True)

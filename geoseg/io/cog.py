@@ -154,8 +154,9 @@ class ClassRasterWriter:
             self._closed = True
             self._env.__exit__(None, None, None)
 
-    def finish(self) -> None:
-        """Check completeness, then convert the streamed rasters to COGs with overviews."""
+    def close_streams(self) -> None:
+        """Check completeness, tag and close the streamed rasters (on the thread that wrote them:
+        the GDAL options of the writer are that thread's)."""
         if self._rows:
             missing = sorted(self._rows)
             self.close()
@@ -169,9 +170,14 @@ class ClassRasterWriter:
             self._conf.set_band_description(1, "confidence")
             self._conf.update_tags(1, SCALE="255 x max class probability")
         self.close()
+
+    def write_cogs(self) -> None:
+        """Convert the closed streamed rasters to COGs with overviews, plus the sidecar and the
+        QGIS style; any thread (a scene's COGs are written while the next scene is inferred)."""
+        confidence = self._conf is not None
         with rasterio.Env(**WRITE_ENV):
             _to_cog(self.out_dir / "mask.stream.tif", self.out_dir / "mask.tif", "MODE")
-            if self._conf is not None:
+            if confidence:
                 _to_cog(
                     self.out_dir / "confidence.stream.tif",
                     self.out_dir / "confidence.tif",
@@ -180,7 +186,7 @@ class ClassRasterWriter:
             # GDAL reports a failed block write (disk full, I/O error) only as a logged error when
             # the file is closed: read every block back, so an incomplete file is never committed.
             _check_readable(self.out_dir / "mask.tif")
-            if self._conf is not None:
+            if confidence:
                 _check_readable(self.out_dir / "confidence.tif")
         (self.out_dir / "mask.tif.aux.xml").write_text(_category_sidecar(self.classes))
         # QGIS applies mask.qml to mask.tif: class names as legend labels, the card's colours.
