@@ -143,6 +143,7 @@ def segment(
         for result in done:
             results.append(result)
             run["scenes"].append(result.to_json())
+            # Written after every scene: a crash later in the run keeps this record.
             write_json_atomic(out_root / RUN_FILE, run)
 
     try:

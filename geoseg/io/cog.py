@@ -174,10 +174,9 @@ class ClassRasterWriter:
     def write_cogs(self) -> None:
         """Convert the closed streamed rasters to COGs with overviews, plus the sidecar and the
         QGIS style; any thread (a scene's COGs are written while the next scene is inferred)."""
-        confidence = self._conf is not None
         with rasterio.Env(**WRITE_ENV):
             _to_cog(self.out_dir / "mask.stream.tif", self.out_dir / "mask.tif", "MODE")
-            if confidence:
+            if self._conf is not None:
                 _to_cog(
                     self.out_dir / "confidence.stream.tif",
                     self.out_dir / "confidence.tif",
@@ -186,7 +185,7 @@ class ClassRasterWriter:
             # GDAL reports a failed block write (disk full, I/O error) only as a logged error when
             # the file is closed: read every block back, so an incomplete file is never committed.
             _check_readable(self.out_dir / "mask.tif")
-            if confidence:
+            if self._conf is not None:
                 _check_readable(self.out_dir / "confidence.tif")
         (self.out_dir / "mask.tif.aux.xml").write_text(_category_sidecar(self.classes))
         # QGIS applies mask.qml to mask.tif: class names as legend labels, the card's colours.
