@@ -136,12 +136,12 @@ class WorkerPool:
         count = options.workers or (max(1, int(gpus // options.gpus_per_worker)) if use_gpu else 1)
         cpus = cluster_cpus()
         cores_per_actor = max(1, int(cpus // count))
-        # Forward passes at a time, each on cores / streams threads. Two 1-thread passes lose
-        # less than one 2-thread pass to the reading, blending and writing beside them (every
-        # thread of a pass waits at each layer for the one that lost its core): the default
-        # U-Net ran 0-7% faster end to end with 2 on 2 cores. But a compiled small model ran 25%
-        # slower (its Python wrapper holds the GIL between kernels, and its 1-thread kernels
-        # scale badly), so it is an option (benchmarks/README.md), one by default.
+        # Forward passes at a time, each on cores / streams threads. Two 1-thread passes should
+        # lose less than one 2-thread pass to the reading, blending and writing beside them
+        # (every thread of a pass waits at each layer for the one that lost its core), but end
+        # to end on 2 cores the default U-Net gained nothing (0.98-1.01 in the last two
+        # benchmark runs), a small compiled model ran 25% slower, and several streams cannot use
+        # the ahead-of-time package (engine.aot): an option (benchmarks/README.md), 1 by default.
         self.streams = options.streams or 1
         # Fractional CPUs: actors holding whole CPUs would starve the read tasks (Ray then waits
         # forever). Torch threads share the machine's cores between the actors instead.
