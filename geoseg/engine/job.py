@@ -102,11 +102,7 @@ def job_outputs(
 def _finish_and_log(pending: PendingScene) -> SceneResult:
     result = pending.finish()
     if result.status == "ok":
-        mp = (result.height or 0) * (result.width or 0) / 1e6
-        log.info(
-            "%s: ok, %d tiles, %.2f MP in %.1f s, %s polygons",
-            result.uri, result.tiles, mp, result.timings_s["total_s"], result.polygons,
-        )  # fmt: skip
+        log.info("%s", result.summary())
     return result
 
 

@@ -325,11 +325,7 @@ class _Run:
             polygons=result.polygons,
         )
         self.quicklook(item, name, result.band_indexes or (1,))
-        mp = (result.height or 0) * (result.width or 0) / 1e6
-        log.info(
-            "%s: ok, %d tiles, %.2f MP in %.1f s, %s polygons",
-            item.uri, result.tiles, mp, result.timings_s["total_s"], result.polygons,
-        )  # fmt: skip
+        log.info("%s", result.summary())
         return result
 
     def stage_committed(self, names: list[str]) -> None:

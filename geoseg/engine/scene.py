@@ -121,6 +121,14 @@ class SceneResult:
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
 
+    def summary(self) -> str:
+        """The log line of a committed scene."""
+        mp = (self.height or 0) * (self.width or 0) / 1e6
+        return (
+            f"{self.uri}: ok, {self.tiles} tiles, {mp:.2f} MP in "
+            f"{self.timings_s['total_s']:.1f} s, {self.polygons} polygons"
+        )
+
 
 class WorkerPool:
     """Model actors, on GPUs when the cluster has any; restarted, tiles retried, on failure."""
