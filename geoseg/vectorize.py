@@ -104,7 +104,9 @@ __all__ = [
     "RegionPolygon",
     "Regions",
     "StripPolygonizer",
+    "edge_match",
     "fill_holes",
+    "normal_form",
     "polygonize",
     "sieve",
     "simplify_coverage",
@@ -1130,6 +1132,125 @@ def fill_holes(
     return Regions(filled.class_ids[reps], new_geoms[reps], counts, sums, first)
 
 
+def _sorted_unique(keys: npt.NDArray[np.int64]) -> npt.NDArray[np.int64]:
+    """``np.unique`` by sorting: numpy's hash-based unique took 1.7 s for 7M keys, sorting 0.2."""
+    keys = np.sort(keys)
+    return keys[np.concatenate([[True], keys[1:] != keys[:-1]])] if len(keys) else keys
+
+
+def _rectilinear(coords: npt.NDArray[np.float64], ring_off: npt.NDArray[np.int64]) -> bool:
+    """Whether every edge of the rings (closed, ``coords[ring_off[r]:ring_off[r + 1]]``) is
+    horizontal or vertical, as every edge of a pixel-space polygon is."""
+    edge = np.ones(len(coords), dtype=bool)
+    edge[ring_off[1:] - 1] = False  # a ring's closing vertex starts no edge
+    start = np.flatnonzero(edge)
+    step = coords[start + 1] - coords[start]
+    return bool(((step[:, 0] == 0) | (step[:, 1] == 0)).all())
+
+
+def normal_form(geometries: npt.NDArray[np.object_]) -> npt.NDArray[np.object_]:
+    """Pixel-space polygons without collinear vertices, in :func:`shapely.normalize`'s form.
+
+    Strip seams and merges leave vertices in the middle of straight edges; without them, and with
+    a canonical ring start and order, the vertex lists (not only the shapes) are the same whatever
+    the strip size, and so is what simplification keeps of each ring.
+
+    A vertex ``v`` with neighbours ``u`` and ``w`` on its ring is collinear when all three share
+    ``x`` or all three share ``y``: on rings whose edges are all horizontal or vertical that is
+    every collinear case, found in numpy over all rings at once (GEOS's ``simplify(g, 0)`` did
+    the same in 16 s for the 177k polygons of a real 82 MP map, this in 1.4-3.4 s). Other rings
+    go through GEOS.
+    """
+    if len(geometries) == 0:
+        return geometries
+    kind, coords, (ring_off, poly_off) = shapely.to_ragged_array(geometries)
+    if kind != shapely.GeometryType.POLYGON or not _rectilinear(coords, ring_off):
+        exact = shapely.simplify(geometries, 0.0, preserve_topology=False)
+        return np.asarray(shapely.normalize(exact), dtype=object)
+    # Open ring vertices (without the closing copy) and, for each, its ring neighbours.
+    counts = np.diff(ring_off) - 1
+    ring = np.repeat(np.arange(len(counts)), counts)
+    index = np.arange(len(ring)) + ring  # skips each earlier ring's closing vertex
+    first = ring_off[:-1][ring]
+    prev = np.where(index == first, first + counts[ring] - 1, index - 1)
+    here, before, after = coords[index], coords[prev], coords[index + 1]
+    collinear = ((before[:, 0] == here[:, 0]) & (here[:, 0] == after[:, 0])) | (
+        (before[:, 1] == here[:, 1]) & (here[:, 1] == after[:, 1])
+    )
+    kept, kept_ring = index[~collinear], ring[~collinear]
+    kept_counts = np.bincount(kept_ring, minlength=len(counts))
+    new_off = np.concatenate([[0], np.cumsum(kept_counts + 1)])
+    out = np.empty((new_off[-1], 2))
+    out[np.arange(len(kept)) + kept_ring] = coords[kept]
+    out[new_off[1:] - 1] = coords[kept[np.cumsum(kept_counts) - kept_counts]]  # close each ring
+    polygons = shapely.from_ragged_array(kind, out, (new_off, poly_off))
+    return np.asarray(shapely.normalize(polygons), dtype=object)
+
+
+def edge_match(geometries: npt.NDArray[np.object_]) -> npt.NDArray[np.object_]:
+    """The polygons with every coverage vertex that lies inside one of their edges inserted there.
+
+    A coverage is edge-matched when both sides of a shared edge have the same vertices. GDAL's
+    polygons are not: a straight edge of one region has no vertex where two regions on its other
+    side meet (a T-junction). Every such point is a vertex of some polygon, so inserting, into
+    each edge, the coverage's vertices strictly inside it makes the coverage edge-matched, with
+    no other new vertex. For rings whose edges are all horizontal or vertical (pixel space) the
+    vertices inside a horizontal edge from ``(x0, y)`` to ``(x1, y)`` are those with that ``y`` and
+    ``x0 < x < x1``: two binary searches in the vertices sorted by ``(y, x)``, likewise for
+    vertical edges by ``(x, y)``, for all edges at once. Other coverages fall back to inserting a
+    vertex at every integer point along every edge (``segmentize(1.0)``, exact for integer
+    vertices): on a real 82 MP map, 1.7x the vertices, 5x slower, and 2.4x slower to simplify.
+    """
+    if len(geometries) == 0:
+        return geometries
+    kind, coords, (ring_off, poly_off) = shapely.to_ragged_array(geometries)
+    pixel_space = (coords == np.round(coords)).all() and _rectilinear(coords, ring_off)
+    if kind != shapely.GeometryType.POLYGON or not pixel_space:
+        return np.asarray(shapely.segmentize(geometries, 1.0), dtype=object)
+    origin = coords.min(axis=0)
+    xy = (coords - origin).astype(np.int64)  # keys below need coordinates >= 0
+    span = int(xy.max()) + 1
+    by_row = _sorted_unique(xy[:, 1] * span + xy[:, 0])  # key of (x, y) in (y, x) order
+    by_col = _sorted_unique(xy[:, 0] * span + xy[:, 1])  # and in (x, y) order
+    edge = np.ones(len(xy), dtype=bool)
+    edge[ring_off[1:] - 1] = False
+    start = np.flatnonzero(edge)
+    a, b = xy[start], xy[start + 1]
+    horizontal = a[:, 1] == b[:, 1]
+    # Along the edge's axis: the fixed coordinate, the open interval, and the sorted keys.
+    fixed = np.where(horizontal, a[:, 1], a[:, 0])
+    lo = np.where(horizontal, np.minimum(a[:, 0], b[:, 0]), np.minimum(a[:, 1], b[:, 1]))
+    hi = np.where(horizontal, np.maximum(a[:, 0], b[:, 0]), np.maximum(a[:, 1], b[:, 1]))
+    first = np.empty(len(start), dtype=np.int64)
+    count = np.empty(len(start), dtype=np.int64)
+    for keys, edges in ((by_row, horizontal), (by_col, ~horizontal)):
+        left = np.searchsorted(keys, fixed[edges] * span + lo[edges], "right")
+        count[edges] = np.searchsorted(keys, fixed[edges] * span + hi[edges], "left") - left
+        first[edges] = left
+    total = int(count.sum())
+    if total == 0:
+        return geometries
+    # Each original vertex moves down by the points inserted before it.
+    inserted_after = np.zeros(len(xy), dtype=np.int64)
+    inserted_after[start] = count
+    shift = np.concatenate([[0], np.cumsum(inserted_after)])
+    out = np.empty((len(xy) + total, 2))
+    out[np.arange(len(xy)) + shift[:-1]] = coords
+    which = np.repeat(np.arange(len(start)), count)  # the edge of each inserted point
+    k = np.arange(total) - np.repeat(np.cumsum(count) - count, count)
+    along = np.where(horizontal, b[:, 0] > a[:, 0], b[:, 1] > a[:, 1])[which]
+    key_index = np.where(along, first[which] + k, first[which] + count[which] - 1 - k)
+    is_row = horizontal[which]
+    key = np.where(
+        is_row, by_row[np.where(is_row, key_index, 0)], by_col[np.where(is_row, 0, key_index)]
+    )
+    position = start[which] + shift[start[which]] + 1 + k
+    out[position, 0] = np.where(is_row, key % span, key // span) + origin[0]
+    out[position, 1] = np.where(is_row, key // span, key % span) + origin[1]
+    polygons = shapely.from_ragged_array(kind, out, (ring_off + shift[ring_off], poly_off))
+    return np.asarray(polygons, dtype=object)
+
+
 def simplify_coverage(
     geometries: npt.NDArray[np.object_], tolerance: float
 ) -> npt.NDArray[np.object_]:
@@ -1137,10 +1258,7 @@ def simplify_coverage(
 
     :func:`shapely.coverage_simplify` simplifies each edge shared by two polygons once, so
     neighbours keep sharing it: no gaps, no overlaps. It needs an edge-matched coverage (both
-    sides of a shared edge have the same vertices), which GDAL's polygons are not: a straight
-    edge of one region has no vertex where two regions on its other side meet. In pixel space
-    every vertex of every region is an integer corner, so inserting a vertex at each integer
-    point along every edge (``segmentize(1.0)``) makes the coverage edge-matched exactly.
+    sides of a shared edge have the same vertices), which :func:`edge_match` makes of GDAL's.
 
     Args:
         geometries: Pixel-space polygons of the whole coverage.
@@ -1149,8 +1267,8 @@ def simplify_coverage(
     """
     if tolerance <= 0 or len(geometries) == 0:
         return geometries
-    dense = shapely.segmentize(geometries, 1.0)
-    simplified = np.asarray(shapely.coverage_simplify(dense, tolerance), dtype=object)
+    matched = edge_match(geometries)
+    simplified = np.asarray(shapely.coverage_simplify(matched, tolerance), dtype=object)
     if not shapely.is_valid(simplified).all():
         # Not expected for an edge-matched coverage. Replacing only the bad polygons would open
         # gaps against their simplified neighbours, so the coverage stays unsimplified.
@@ -1298,15 +1416,7 @@ def vectorize_strips(
     # fid order (first pixel in raster order) before simplifying: coverage_simplify's result
     # depends on the input order, which must therefore not depend on the strip size.
     regions = regions.take(np.argsort(regions.first_pixel, kind="stable"))
-    # Normal form: no collinear vertices (strip seams leave some on straight edges), canonical
-    # ring start and order. The vertex lists, not only the shapes, are then the same whatever
-    # the strip size, and so is what simplification keeps of each ring.
-    # (Tolerance 0 drops exactly collinear vertices only, the shape is unchanged, so the slower
-    # topology-preserving variant would check for nothing.)
-    geoms = np.asarray(
-        shapely.normalize(shapely.simplify(regions.geometries, 0.0, preserve_topology=False)),
-        dtype=object,
-    )
+    geoms = normal_form(regions.geometries)
     if options.simplify is not None and options.simplify.value > 0:
         tolerance = options.simplify.value
         if options.simplify.unit == "m":

@@ -23,6 +23,8 @@ from geoseg.vectorize import (
     CoverageOptions,
     PolygonLayer,
     StripPolygonizer,
+    edge_match,
+    normal_form,
     polygonize,
     vectorize_strips,
 )
@@ -362,3 +364,74 @@ def test_quantities_parse_and_reject() -> None:
         parse_length("2m2")
     with pytest.raises(ConfigError):
         CoverageOptions(simplify=Quantity(1, "m2"))
+
+
+def _pixel_polygons(mask: np.ndarray) -> np.ndarray:
+    """Pixel-space polygons of a mask, as GDAL draws them."""
+    polygonizer = StripPolygonizer(
+        Affine.identity(), mask.shape[1], mask.shape[0], NODATA, pixel_space=True
+    )
+    polygons = polygonizer.add_strip(0, mask) + polygonizer.finish()
+    return np.array([p.geometry for p in polygons], dtype=object)
+
+
+def test_normal_form_drops_every_collinear_vertex_and_nothing_else() -> None:
+    # The ring starts in the middle of an edge and has a collinear vertex on two more edges.
+    ring = [(1, 0), (2, 0), (2, 1), (2, 2), (0, 2), (0, 1), (0, 0), (1, 0)]
+    hole_ring = [(0.5, 2.5), (0.5, 3.5), (1.5, 3.5), (1.5, 2.5)]
+    (square,) = normal_form(np.array([shapely.Polygon(ring)], dtype=object))
+    assert shapely.get_coordinates(square).tolist() == [[0, 0], [0, 2], [2, 2], [2, 0], [0, 0]]
+    # Anything not drawn in pixel space goes through GEOS, with the same result on this one.
+    tilted = shapely.Polygon([(0, 0), (2, 2), (4, 4), (0, 4)], [hole_ring])
+    (exact,) = normal_form(np.array([tilted], dtype=object))
+    assert shapely.get_num_coordinates(exact) == 4 + 5
+    assert shapely.equals(exact, tilted)
+    # On a real coverage: what GEOS's simplify(g, 0) + normalize gives, vertex for vertex.
+    mask = _blobs(120, 150, 5, seed=8)
+    mask[np.random.default_rng(8).random(mask.shape) < 0.05] = 2
+    geoms = _pixel_polygons(mask)
+    ours = normal_form(geoms)
+    geos = shapely.normalize(shapely.simplify(geoms, 0.0, preserve_topology=False))
+    assert len(geoms) > 100
+    assert shapely.equals_exact(ours, geos, tolerance=0).all()
+
+
+def test_edge_match_inserts_the_t_junctions_only() -> None:
+    # A wide region on top of two narrow ones, and a tall one left of two short ones.
+    top = shapely.box(0, 0, 2, 1)
+    below = [shapely.box(0, 1, 1, 2), shapely.box(1, 1, 2, 2)]
+    tall = shapely.box(2, 0, 3, 2)
+    right = [shapely.box(3, 0, 4, 1), shapely.box(3, 1, 4, 2)]
+    geoms = normal_form(np.array([top, *below, tall, *right], dtype=object))
+    matched = edge_match(geoms)
+    assert shapely.equals(matched, geoms).all()
+    added = [
+        {tuple(c) for c in shapely.get_coordinates(m)}
+        - {tuple(c) for c in shapely.get_coordinates(g)}
+        for m, g in zip(matched, geoms, strict=True)
+    ]
+    # The tall one gains the corner the three on its left meet at, and the one on its right.
+    assert added == [{(1.0, 1.0)}, set(), set(), {(2.0, 1.0), (3.0, 1.0)}, set(), set()]
+
+
+def test_edge_match_makes_the_coverage_edge_matched_like_segmentize() -> None:
+    mask = _blobs(90, 110, 6, seed=4)
+    mask[np.random.default_rng(4).random(mask.shape) < 0.04] = 1
+    mask[30:50, 40:70] = NODATA  # a hole ring in its neighbours
+    geoms = normal_form(_pixel_polygons(mask))
+    matched = edge_match(geoms)
+    assert shapely.equals(matched, geoms).all()
+    # Edge-matched: every vertex of the coverage on a polygon's boundary is one of its vertices.
+    vertices = shapely.points(np.unique(shapely.get_coordinates(matched), axis=0))
+    for polygon in matched:
+        on_boundary = vertices[shapely.intersects(shapely.boundary(polygon), vertices)]
+        own = {tuple(c) for c in shapely.get_coordinates(polygon)}
+        assert {tuple(c) for c in shapely.get_coordinates(on_boundary)} <= own
+    # Coverage simplification cannot tell it from a vertex at every pixel corner.
+    dense = shapely.segmentize(geoms, 1.0)
+    assert shapely.get_num_coordinates(matched).sum() < shapely.get_num_coordinates(dense).sum()
+    assert shapely.equals_exact(
+        shapely.normalize(shapely.coverage_simplify(matched, 1.0)),
+        shapely.normalize(shapely.coverage_simplify(dense, 1.0)),
+        tolerance=0,
+    ).all()
