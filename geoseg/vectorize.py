@@ -1163,10 +1163,11 @@ def normal_form(geometries: npt.NDArray[np.object_]) -> npt.NDArray[np.object_]:
     """
     if len(geometries) == 0:
         return geometries
-    kind, coords, (ring_off, poly_off) = shapely.to_ragged_array(geometries)
-    if kind != shapely.GeometryType.POLYGON or not _rectilinear(coords, ring_off):
+    kind, coords, offsets = shapely.to_ragged_array(geometries)
+    if kind != shapely.GeometryType.POLYGON or not _rectilinear(coords, offsets[0]):
         exact = shapely.simplify(geometries, 0.0, preserve_topology=False)
         return np.asarray(shapely.normalize(exact), dtype=object)
+    ring_off, poly_off = offsets
     # Open ring vertices (without the closing copy) and, for each, its ring neighbours.
     counts = np.diff(ring_off) - 1
     ring = np.repeat(np.arange(len(counts)), counts)
@@ -1203,10 +1204,11 @@ def edge_match(geometries: npt.NDArray[np.object_]) -> npt.NDArray[np.object_]:
     """
     if len(geometries) == 0:
         return geometries
-    kind, coords, (ring_off, poly_off) = shapely.to_ragged_array(geometries)
-    pixel_space = (coords == np.round(coords)).all() and _rectilinear(coords, ring_off)
+    kind, coords, offsets = shapely.to_ragged_array(geometries)
+    pixel_space = (coords == np.round(coords)).all() and _rectilinear(coords, offsets[0])
     if kind != shapely.GeometryType.POLYGON or not pixel_space:
         return np.asarray(shapely.segmentize(geometries, 1.0), dtype=object)
+    ring_off, poly_off = offsets
     origin = coords.min(axis=0)
     xy = (coords - origin).astype(np.int64)  # keys below need coordinates >= 0
     span = int(xy.max()) + 1

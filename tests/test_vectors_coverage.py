@@ -386,6 +386,11 @@ def test_normal_form_drops_every_collinear_vertex_and_nothing_else() -> None:
     (exact,) = normal_form(np.array([tilted], dtype=object))
     assert shapely.get_num_coordinates(exact) == 4 + 5
     assert shapely.equals(exact, tilted)
+    # So does a MultiPolygon (never made from a mask, whose regions are 4-connected).
+    pair = shapely.MultiPolygon([shapely.Polygon(ring), shapely.box(5, 5, 6, 6)])
+    (both,) = normal_form(np.array([pair], dtype=object))
+    assert shapely.get_num_coordinates(both) == 5 + 5
+    assert shapely.equals(both, pair)
     # On a real coverage: what GEOS's simplify(g, 0) + normalize gives, vertex for vertex.
     mask = _blobs(120, 150, 5, seed=8)
     mask[np.random.default_rng(8).random(mask.shape) < 0.05] = 2
@@ -410,7 +415,8 @@ def test_edge_match_inserts_the_t_junctions_only() -> None:
         - {tuple(c) for c in shapely.get_coordinates(g)}
         for m, g in zip(matched, geoms, strict=True)
     ]
-    # The tall one gains the corner the three on its left meet at, and the one on its right.
+    # The tall one gains the corner where the three on its left meet and the one where the two
+    # on its right meet.
     assert added == [{(1.0, 1.0)}, set(), set(), {(2.0, 1.0), (3.0, 1.0)}, set(), set()]
 
 
