@@ -1138,12 +1138,17 @@ def _sorted_unique(keys: npt.NDArray[np.int64]) -> npt.NDArray[np.int64]:
     return keys[np.concatenate([[True], keys[1:] != keys[:-1]])] if len(keys) else keys
 
 
-def _rectilinear(coords: npt.NDArray[np.float64], ring_off: npt.NDArray[np.int64]) -> bool:
-    """Whether every edge of the rings (closed, ``coords[ring_off[r]:ring_off[r + 1]]``) is
-    horizontal or vertical, as every edge of a pixel-space polygon is."""
-    edge = np.ones(len(coords), dtype=bool)
-    edge[ring_off[1:] - 1] = False  # a ring's closing vertex starts no edge
-    start = np.flatnonzero(edge)
+def _edge_starts(vertices: int, ring_off: npt.NDArray[np.int64]) -> npt.NDArray[np.int64]:
+    """The first vertex of each edge of closed rings ``ring_off[r]:ring_off[r + 1]``: every
+    vertex but a ring's closing copy."""
+    starts = np.ones(vertices, dtype=bool)
+    starts[ring_off[1:] - 1] = False
+    return np.flatnonzero(starts)
+
+
+def _rectilinear(coords: npt.NDArray[np.float64], start: npt.NDArray[np.int64]) -> bool:
+    """Whether every edge (``coords[start]`` to the next vertex) is horizontal or vertical, as
+    every edge of a pixel-space polygon is."""
     step = coords[start + 1] - coords[start]
     return bool(((step[:, 0] == 0) | (step[:, 1] == 0)).all())
 
@@ -1164,7 +1169,8 @@ def normal_form(geometries: npt.NDArray[np.object_]) -> npt.NDArray[np.object_]:
     if len(geometries) == 0:
         return geometries
     kind, coords, offsets = shapely.to_ragged_array(geometries)
-    if kind != shapely.GeometryType.POLYGON or not _rectilinear(coords, offsets[0]):
+    rectilinear = _rectilinear(coords, _edge_starts(len(coords), offsets[0]))
+    if kind != shapely.GeometryType.POLYGON or not rectilinear:
         exact = shapely.simplify(geometries, 0.0, preserve_topology=False)
         return np.asarray(shapely.normalize(exact), dtype=object)
     ring_off, poly_off = offsets
@@ -1205,7 +1211,8 @@ def edge_match(geometries: npt.NDArray[np.object_]) -> npt.NDArray[np.object_]:
     if len(geometries) == 0:
         return geometries
     kind, coords, offsets = shapely.to_ragged_array(geometries)
-    pixel_space = (coords == np.round(coords)).all() and _rectilinear(coords, offsets[0])
+    start = _edge_starts(len(coords), offsets[0])
+    pixel_space = (coords == np.round(coords)).all() and _rectilinear(coords, start)
     if kind != shapely.GeometryType.POLYGON or not pixel_space:
         return np.asarray(shapely.segmentize(geometries, 1.0), dtype=object)
     ring_off, poly_off = offsets
@@ -1214,9 +1221,6 @@ def edge_match(geometries: npt.NDArray[np.object_]) -> npt.NDArray[np.object_]:
     span = int(xy.max()) + 1
     by_row = _sorted_unique(xy[:, 1] * span + xy[:, 0])  # key of (x, y) in (y, x) order
     by_col = _sorted_unique(xy[:, 0] * span + xy[:, 1])  # and in (x, y) order
-    edge = np.ones(len(xy), dtype=bool)
-    edge[ring_off[1:] - 1] = False
-    start = np.flatnonzero(edge)
     a, b = xy[start], xy[start + 1]
     horizontal = a[:, 1] == b[:, 1]
     # Along the edge's axis: the fixed coordinate, the open interval, and the sorted keys.
