@@ -1169,15 +1169,14 @@ def normal_form(geometries: npt.NDArray[np.object_]) -> npt.NDArray[np.object_]:
     if len(geometries) == 0:
         return geometries
     kind, coords, offsets = shapely.to_ragged_array(geometries)
-    rectilinear = _rectilinear(coords, _edge_starts(len(coords), offsets[0]))
-    if kind != shapely.GeometryType.POLYGON or not rectilinear:
+    index = _edge_starts(len(coords), offsets[0])  # the open rings' vertices
+    if kind != shapely.GeometryType.POLYGON or not _rectilinear(coords, index):
         exact = shapely.simplify(geometries, 0.0, preserve_topology=False)
         return np.asarray(shapely.normalize(exact), dtype=object)
     ring_off, poly_off = offsets
-    # Open ring vertices (without the closing copy) and, for each, its ring neighbours.
+    # For each open ring vertex, its ring and its neighbours on the ring.
     counts = np.diff(ring_off) - 1
     ring = np.repeat(np.arange(len(counts)), counts)
-    index = np.arange(len(ring)) + ring  # skips each earlier ring's closing vertex
     first = ring_off[:-1][ring]
     prev = np.where(index == first, first + counts[ring] - 1, index - 1)
     here, before, after = coords[index], coords[prev], coords[index + 1]
