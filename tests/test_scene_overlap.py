@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import threading
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +14,7 @@ from conftest import AERIAL
 
 from geoseg.engine import job
 from geoseg.engine.job import segment
-from geoseg.engine.scene import PendingScene, SceneResult, SegmentOptions
+from geoseg.engine.scene import PendingScene, SceneOverlap, SceneResult, SegmentOptions
 
 SECOND = AERIAL / "23322E759967N_clipped_1m_1of2.tif"  # 341 x 280 RGB
 
@@ -89,3 +90,26 @@ def test_an_interrupt_during_the_next_scene_keeps_the_finished_one(
     assert {"mask.tif", "confidence.tif", "polygons.gpkg"} <= {p.name for p in folder.iterdir()}
     run = json.loads((out / "run.json").read_text())
     assert [(s["uri"], s["status"]) for s in run["scenes"]] == [(first, "ok")]
+
+
+def test_an_interrupt_while_draining_leaves_the_result_to_the_next_drain(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Ctrl-C while the caller waits for the last scene's finishing: the scene still commits,
+    and the caller's ``finally`` drain must still get its result to record it."""
+    result = Future.result
+    interrupted: list[bool] = []
+
+    def interrupted_once(self: Future[str], timeout: float | None = None) -> str:
+        if not interrupted:
+            interrupted.append(True)
+            raise KeyboardInterrupt
+        return result(self, timeout)
+
+    monkeypatch.setattr(Future, "result", interrupted_once)
+    with SceneOverlap[str]() as overlap:
+        assert overlap.submit(lambda: "first") == []
+        with pytest.raises(KeyboardInterrupt):
+            overlap.drain()
+        assert overlap.drain() == ["first"]
+        assert overlap.drain() == []

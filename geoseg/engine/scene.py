@@ -493,8 +493,13 @@ class SceneOverlap(Generic[T]):
         return done
 
     def drain(self) -> list[T]:
-        running, self._running = self._running, None
-        return [] if running is None else [running.result()]
+        if self._running is None:
+            return []
+        # Forgotten only once it is in hand: an interrupt during the wait leaves it to the
+        # caller's next drain (its ``finally``), which records the scene that still commits.
+        result = self._running.result()
+        self._running = None
+        return [result]
 
     def __exit__(self, *exc_info: object) -> None:
         self._executor.shutdown(wait=True)
