@@ -31,10 +31,14 @@ def _object_store_bytes() -> int:
     return int(value)
 
 
+_embedded = threading.Event()  # set: this process started its own local Ray (never grows)
+
+
 def start_ray(address: str | None, num_cpus: int | None = None) -> None:
     """Join the cluster at ``address``, or start an embedded local Ray (idempotent)."""
     if ray.is_initialized():
         return
+    _embedded.clear()
     quiet = log.getEffectiveLevel() > logging.INFO
     # Ray's core worker installs a C-level SIGTERM handler that aborts the process; put back a
     # Python handler the caller set (geoseg run turns SIGTERM into a clean stop).
@@ -50,6 +54,7 @@ def start_ray(address: str | None, num_cpus: int | None = None) -> None:
             configure_logging=True,
             logging_level=logging.WARNING if quiet else logging.INFO,
         )
+        _embedded.set()
     if callable(on_sigterm) and threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, on_sigterm)
     log.info("Ray resources: %s", ray.cluster_resources())
@@ -61,3 +66,8 @@ def cluster_gpus() -> float:
 
 def cluster_cpus() -> float:
     return float(ray.cluster_resources().get("CPU", 1.0))
+
+
+def embedded() -> bool:
+    """Whether Ray is the local one :func:`start_ray` started: its resources never grow."""
+    return _embedded.is_set()

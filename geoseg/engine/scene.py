@@ -11,6 +11,7 @@ the next scene is inferred (:class:`SceneOverlap`).
 from __future__ import annotations
 
 import logging
+import math
 import sys
 import time
 from collections.abc import Callable
@@ -28,7 +29,7 @@ from tqdm import tqdm
 from geoseg.crf import CRFParams
 from geoseg.engine.actors import SegmentationWorker
 from geoseg.engine.reads import read_batch
-from geoseg.engine.runtime import cluster_cpus, cluster_gpus
+from geoseg.engine.runtime import cluster_cpus, cluster_gpus, embedded
 from geoseg.errors import ConfigError
 from geoseg.io.cog import ClassRasterWriter, mask_dtype
 from geoseg.io.outputs import SceneOutput, scene_output_name
@@ -130,6 +131,20 @@ class SceneResult:
         )
 
 
+def gpu_share(gpus: float, workers: int, gpus_per_worker: float) -> float:
+    """GPUs each of ``workers`` model actors asks a fixed-size Ray for: ``gpus_per_worker``,
+    shrunk to ``gpus / workers`` when the ``gpus`` there cannot hold them all at once.
+
+    Ray waits without an error for resources that no node has (an autoscaler may add them), so
+    ``--workers 2`` on a one-GPU machine would hang; shrunk, the actors share the GPU.
+    """
+    if workers * gpus_per_worker <= gpus:
+        return gpus_per_worker
+    share = gpus / workers
+    # Ray accepts a fraction of one GPU, or whole GPUs: an actor cannot straddle two.
+    return share if share <= 1 else float(math.floor(share))
+
+
 class WorkerPool:
     """Model actors, on GPUs when the cluster has any; restarted, tiles retried, on failure."""
 
@@ -142,6 +157,17 @@ class WorkerPool:
         if options.precision == "fp16" and not use_gpu:
             raise ConfigError("--precision fp16 needs a GPU and the Ray cluster has none: use bf16")
         count = options.workers or (max(1, int(gpus // options.gpus_per_worker)) if use_gpu else 1)
+        gpus_each = 0.0
+        if use_gpu:
+            gpus_each = options.gpus_per_worker
+            if embedded():
+                gpus_each = gpu_share(gpus, count, options.gpus_per_worker)
+            elif count * gpus_each > gpus:
+                log.warning(
+                    "%d model actors of %g GPU each need more than the %g GPU(s) the cluster has "
+                    "now: the run waits for its autoscaler to add them",
+                    count, gpus_each, gpus,
+                )  # fmt: skip
         cpus = cluster_cpus()
         cores_per_actor = max(1, int(cpus // count))
         # Forward passes at a time, each on cores / streams threads. Two 1-thread passes should
@@ -156,7 +182,7 @@ class WorkerPool:
         threads = 0 if use_gpu else max(1, cores_per_actor // self.streams)
         actor_cls = ray.remote(SegmentationWorker).options(
             num_cpus=0.5 if not use_gpu else 0.25,
-            num_gpus=options.gpus_per_worker if use_gpu else 0,
+            num_gpus=gpus_each,
             max_concurrency=self.streams,
             max_restarts=3,
             max_task_retries=3,
