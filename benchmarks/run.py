@@ -33,6 +33,12 @@ In one run, with the same models, tiles and thread count throughout, it measures
 
 Prints a Markdown table ready for the README and writes ``OUT/results.json``. ``--quick`` runs a
 reduced version (4k and 8k scenes, the small model end to end) to check the harness in minutes.
+
+``--device cuda`` measures (1), (2) and (4) on the machine's GPU instead, batch 16: the forms are
+fp32, bf16 and fp16 autocast, each eager and ``torch.compile``d, agreement against CUDA fp32;
+end to end without CRF, with CRF, with CRF and polygons, 2 actors sharing the GPU, and a job of
+4 copies of the scene. Memory, the peer tools and polygons alone (3, 5, 6) measure the CPU
+machine and are left out.
 """
 
 from __future__ import annotations
@@ -82,7 +88,8 @@ BANDS = list(BAND_NAMES)
 CLASSES = list(SCENE_CLASSES)
 TRAIN_STEPS = 600  # benchmark models: steps on the scene's top-left window (see ensure_model)
 TRAIN_WINDOW = 4096
-BATCH = 4
+BATCH = 4  # on the CPU; on a GPU, CUDA_BATCH
+CUDA_BATCH = 16
 MB = 1024 * 1024
 CLEAN_SHARE = 0.10  # a timed pass counts as clean when other processes used less of the CPU
 
@@ -108,6 +115,8 @@ class Config:
 
     out: Path
     quick: bool
+    device: str  # "cpu" or "cuda": where the model runs, in every measurement
+    batch: int
     e2e_size: int  # edge of the end-to-end scene
     e2e_model: ModelSpec
     mem_repeat: int  # the large memory scene is the end-to-end scene mosaicked n x n times
@@ -123,13 +132,17 @@ class Config:
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> Config:
         quick = bool(args.quick)
+        cuda = args.device == "cuda"
+        default_out = "benchmarks/out" + ("/cuda" if cuda else "") + ("/quick" if quick else "")
         return cls(
-            out=Path(args.out or ("benchmarks/out/quick" if quick else "benchmarks/out")),
+            out=Path(args.out or default_out),
             quick=quick,
+            device=args.device,
+            batch=CUDA_BATCH if cuda else BATCH,
             e2e_size=4000 if quick else 10_000,
             e2e_model=SMALL_MODEL if quick else DEFAULT_MODEL,
             mem_repeat=2 if quick else 4,
-            raw_tiles=16,
+            raw_tiles=4 * CUDA_BATCH if cuda else 16,
             raw_passes=1 if quick else 3,
             raw_max_passes=2 if quick else 10,
             polygons=not args.no_polygons,
@@ -173,6 +186,7 @@ def machine_info() -> dict[str, Any]:
         "memory_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
         "torch": torch.__version__,
         "torch_threads": torch.get_num_threads(),
+        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
         "python": platform.python_version(),
         "loadavg_start": os.getloadavg(),
     }
@@ -188,13 +202,16 @@ def code_version() -> dict[str, str]:
     for path in sorted((REPO / "geoseg").rglob("*.py")):
         digest.update(str(path.relative_to(REPO)).encode())
         digest.update(path.read_bytes())
-    head = subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        check=False,
-    ).stdout.strip()
+    try:
+        head = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            check=False,
+        ).stdout.strip()
+    except OSError:  # no git (a bare GPU machine given a copy of the tree)
+        head = ""
     return {"git_head": head or "?", "sources_sha256": digest.hexdigest()[:16]}
 
 
@@ -377,52 +394,79 @@ def threads_per_stream(streams: int) -> int:
     return max(1, (os.cpu_count() or 1) // streams)
 
 
-FORMS = [
-    Form("fp32", False),
-    Form("fp32", True),
-    Form("fp32", True, 2),
-    Form("bf16", False),
-    Form("bf16", True),
-    Form("bf16", True, 2),
-]
+def finished(fn: Callable[[torch.Tensor], torch.Tensor], device: str) -> Callable[[Any], Any]:
+    """``fn`` returning only when its work is done: CUDA kernels run after the call returns."""
+    if device != "cuda":
+        return fn
+
+    def synchronized(x: torch.Tensor) -> torch.Tensor:
+        out = fn(x)
+        torch.cuda.synchronize()
+        return out
+
+    return synchronized
+
+
+def device_name(device: str) -> str:
+    return torch.cuda.get_device_name() if device == "cuda" else "CPU"
+
+
+FORMS = {
+    "cpu": [
+        Form("fp32", False),
+        Form("fp32", True),
+        Form("fp32", True, 2),
+        Form("bf16", False),
+        Form("bf16", True),
+        Form("bf16", True, 2),
+    ],
+    # One stream: a GPU actor's passes queue on the device anyway.
+    "cuda": [Form(p, c) for p in ("fp32", "bf16", "fp16") for c in (False, True)],
+}
 AGREEMENT_GOAL = 0.999  # a form counts when its class map is within 0.1% of fp32's
+# The small model's form in the memory runs (3) and side by side (5): its limit flips between
+# eager and compiled bf16 with the noise (within 6% of each other), and eager autocast holds
+# ~350 MiB more in the actor, which would move the memory figure between runs.
+SMALL_FORM = Form("bf16", True)
 
 
 def bench_forward(model_dir: Path, scene_path: Path, cfg: Config) -> dict[str, Any]:
     """Each form of the model on the same pre-read tiles: throughput and agreement with fp32.
 
-    Raw forward: ``Predictor.logits`` on pre-normalised tiles (autocast and compile as the
-    actor runs them). The limit of the pipeline is the fastest form whose class map agrees with
-    eager fp32 on at least ``AGREEMENT_GOAL`` of the pixels; the actor's whole step
-    (``Predictor.probabilities``: raw tiles in, normalise, forward, softmax, float16 out) is timed
-    for that form too.
+    Raw forward: ``Predictor.logits`` on pre-normalised tiles already on the device (autocast and
+    compile as the actor runs them; on a GPU, timed to the end of the device's work). The limit of
+    the pipeline is the fastest form whose class map agrees with eager fp32 on the same device on
+    at least ``AGREEMENT_GOAL`` of the pixels; the actor's whole step
+    (``Predictor.probabilities``: raw tiles in, normalise, forward, softmax, float16 out on the
+    host) is timed for that form too.
     """
     torch.set_num_threads(os.cpu_count() or 1)
     card = read_card(model_dir)
     data, _, read_s = read_sample_tiles(scene_path, card, cfg.raw_tiles)
     tile_pixels = data.shape[-2] * data.shape[-1]
-    starts = range(0, len(data), BATCH)
-    raw_batches = [data[i : i + BATCH] for i in starts]
-    inputs = [normalize(torch.from_numpy(b), card) for b in raw_batches]
+    starts = range(0, len(data), cfg.batch)
+    raw_batches = [data[i : i + cfg.batch] for i in starts]
+    inputs = [normalize(torch.from_numpy(b), card).to(cfg.device) for b in raw_batches]
     sizes = [len(x) for x in inputs]
     forms: list[dict[str, Any]] = []
     reference: torch.Tensor | None = None
     predictors: dict[Form, Predictor] = {}
-    for form in FORMS:
+    for form in FORMS[cfg.device]:
         if form.precision not in card.precisions:
             continue
         # Set before compiling: inductor generates its kernels for the thread count in force.
         torch.set_num_threads(threads_per_stream(form.streams))
         predictor = Predictor(
-            model_dir, "cpu", form.precision, form.compile, BATCH, concurrency=form.streams
+            model_dir, cfg.device, form.precision, form.compile, cfg.batch, concurrency=form.streams
         )
+        forward = finished(predictor.logits, cfg.device)
         t0 = time.perf_counter()
-        predictor.logits(inputs[0])  # compiles a compiled form
+        forward(inputs[0])  # compiles a compiled form
         first_s = time.perf_counter() - t0
         timing = ForwardTiming(
             tile_pixels,
             time_batches(
-                predictor.logits,
+                forward,
                 inputs,
                 sizes,
                 cfg.raw_passes,
@@ -466,9 +510,10 @@ def bench_forward(model_dir: Path, scene_path: Path, cfg: Config) -> dict[str, A
     torch.set_num_threads(os.cpu_count() or 1)
     return {
         "model": str(model_dir),
+        "device": device_name(cfg.device),
         "threads": torch.get_num_threads(),
         "tile": list(data.shape[-2:]),
-        "batch": BATCH,
+        "batch": cfg.batch,
         "forms": forms,
         "limit": {**asdict(limit_form), "label": limit_form.label},
         "raw": limit["raw"],
@@ -494,10 +539,12 @@ def segment_command(
     polygons: bool,
     confidence: bool = True,
     extra: tuple[str, ...] = (),
+    device: str = "cpu",
+    batch: int = BATCH,
 ) -> list[str]:
     cmd = [sys.executable, "-m", "geoseg", "-q", "segment", *map(str, scenes)]
-    cmd += ["--model", str(model_dir), "--out", str(out), "--batch-size", str(BATCH)]
-    cmd += [*form.flags(), "--overwrite", *extra]
+    cmd += ["--model", str(model_dir), "--out", str(out), "--batch-size", str(batch)]
+    cmd += ["--device", device, *form.flags(), "--overwrite", *extra]
     if not polygons:
         cmd.append("--no-polygons")
     if not confidence:
@@ -596,6 +643,7 @@ SHARED_DATA = REPO.parent / "shared" / "data"
 NAIP = ("naip/m_4709963_se_14_1_20190904.tif", "naip/m_4709963_se_14_1_20200831.tif")
 NAIP_MOSAIC_REPEAT = 11  # 934 x 723 -> 10,274 x 7,953
 NAIP_BUCKET_REPEAT, NAIP_BUCKET_SCENES = 6, 4  # 4 scenes of 5,604 x 4,338
+BUCKET_SCENES = 4  # --device cuda: copies (VRTs) of the generated scene in one job
 
 
 def real_scenes(out: Path) -> dict[str, Any]:
@@ -632,7 +680,15 @@ def run_segment(
     out = cfg.out / "runs" / label
     scenes = [scene] if isinstance(scene, Path) else list(scene)
     cmd = segment_command(
-        scenes, model_dir, out, form=form, polygons=polygons, confidence=confidence, extra=extra
+        scenes,
+        model_dir,
+        out,
+        form=form,
+        polygons=polygons,
+        confidence=confidence,
+        extra=extra,
+        device=cfg.device,
+        batch=cfg.batch,
     )
     log(f"{label}: {printable(cmd)}")
     quiet = settle(cfg, label)
@@ -925,15 +981,18 @@ def table_rows(results: dict[str, Any]) -> list[tuple[str, str, str]]:
     """(figure, value, command) rows of the README table."""
     rows: list[tuple[str, str, str]] = []
     cfg = results["config"]
-    bench = "python -m benchmarks.run" + (" --quick" if cfg["quick"] else "")
+    cuda = cfg.get("device") == "cuda"
+    bench = "python -m benchmarks.run" + (" --device cuda" if cuda else "")
+    bench += " --quick" if cfg["quick"] else ""
     forward = results["forward"]
     for fwd in forward.values():
+        where = fwd["device"] if cuda else f"{fwd['threads']} threads"
         for form in fwd["forms"]:
             chosen = " **(limit)**" if form["label"] == fwd["limit"]["label"] else ""
             rows.append(
                 (
                     f"Raw forward, {fwd['model_label']}, {form['label']}{chosen}, "
-                    f"{fwd['tile'][0]}² tiles, batch {fwd['batch']}, {fwd['threads']} threads",
+                    f"{fwd['tile'][0]}² tiles, batch {fwd['batch']}, {where}",
                     f"{form['raw']['mp_per_s']:.2f} MP/s, class agreement with fp32 "
                     f"{form['agreement']:.4%}" + busy(form["raw"]["foreign_cpu_share"]),
                     bench,
@@ -955,11 +1014,15 @@ def table_rows(results: dict[str, Any]) -> list[tuple[str, str, str]]:
         "e2e-crf": "with CRF",
         "e2e-all": "with CRF and polygons (simplified 1 px, GeoPackage)",
         "e2e-streams": "one actor running 2 streams of 1 thread, no CRF, no polygons",
-        "e2e-2actors": "2 model actors (1 thread each), no CRF, no polygons",
+        "e2e-2actors": (
+            "2 model actors sharing the GPU" if cuda else "2 model actors (1 thread each)"
+        )
+        + ", no CRF, no polygons",
         "e2e-naip": "real NAIP scenes (R, G, B, NIR, nodata 0), one run, no CRF, no polygons",
         "e2e-naip-mosaic": "real NAIP scene mosaicked 11 × 11 (VRT), no CRF, no polygons",
         "e2e-naip-bucket": "a bucket of real NAIP mosaics (VRTs, both scenes), polygons "
         "(simplified 1 px)",
+        "e2e-bucket": "a bucket of copies of the generated scene (VRTs), no CRF, no polygons",
     }
     for label, run in e2e_runs.items():
         if not run.get("ok"):
@@ -1022,8 +1085,8 @@ def table_rows(results: dict[str, Any]) -> list[tuple[str, str, str]]:
                 SAME,
             )
         )
-    layouts = {k: e2e_runs.get(k, {}) for k in ("e2e", "e2e-streams", "e2e-2actors")}
-    if all(run.get("ok") for run in layouts.values()):
+    layouts = {k: e2e_runs[k] for k in ("e2e", "e2e-streams", "e2e-2actors") if k in e2e_runs}
+    if len(layouts) > 1 and "e2e" in layouts and all(run.get("ok") for run in layouts.values()):
         one = layouts["e2e"]
         described = {
             "e2e": "1 actor × 1 stream (the default)",
@@ -1117,7 +1180,9 @@ def machine_line(results: dict[str, Any]) -> str:
     return (
         f"Machine: {info['cores']} cores ({info['cpu']}, torch CPU capability "
         f"{info['cpu_capability']}), {info['memory_gib']} GiB RAM; torch {info['torch']} with "
-        f"{info['torch_threads']} threads; load average "
+        f"{info['torch_threads']} threads"
+        + (f", GPU {info['gpu']}" if info.get("gpu") else "")
+        + "; load average "
         f"{info['loadavg_start'][0]:.2f} at start, {info['loadavg_end'][0]:.2f} at end. {code}."
     )
 
@@ -1183,7 +1248,8 @@ def run_all(cfg: Config) -> dict[str, Any]:
             "e2e_size": cfg.e2e_size,
             "e2e_model": cfg.e2e_model.name,
             "mem_repeat": cfg.mem_repeat,
-            "batch": BATCH,
+            "device": cfg.device,
+            "batch": cfg.batch,
             "raw_tiles": cfg.raw_tiles,
             "raw_passes": cfg.raw_passes,
             "agreement_goal": AGREEMENT_GOAL,
@@ -1202,9 +1268,9 @@ def run_all(cfg: Config) -> dict[str, Any]:
         "vrt": rel(vrt),
         "prepare_s": time.perf_counter() - t0,
     }
-    models = {
-        spec.name: (spec, ensure_model(cfg.out, spec)) for spec in (DEFAULT_MODEL, SMALL_MODEL)
-    }
+    # On a GPU only the end-to-end model: the small one serves the CPU's memory and peer runs.
+    specs = (DEFAULT_MODEL, SMALL_MODEL) if cfg.device == "cpu" else (cfg.e2e_model,)
+    models = {spec.name: (spec, ensure_model(cfg.out, spec)) for spec in specs}
 
     # 1. Raw forward of every form; the limit of each model is its fastest form within 0.1%.
     results["forward"] = {}
@@ -1244,15 +1310,29 @@ def run_all(cfg: Config) -> dict[str, Any]:
         ("e2e-naip-mosaic", naip["mosaic"], e2e_form, naip_bands, False),
         ("e2e-naip-bucket", naip["bucket"], e2e_form, (*naip_bands, "--simplify", "1px"), True),
     ]
-    # Small model, memory runs (3) and side by side (5): always bf16 compiled, see below.
-    small_dir, small_form = models[SMALL_MODEL.name][1], Form("bf16", True)
-    log("compiled model packages for every timed run (a user's first run compiles them once)")
-    results["compile_cache"] = warm_compile_cache(
-        [(e2e_dir, form, 2 if "--workers" in extra else 1) for _, _, form, extra, _ in e2e_runs]
-        + [(small_dir, small_form, 1)],
-        scene,
-    )
-    save(results, cfg.out)
+    if cfg.device == "cuda":  # streams are a CPU layout; the real scenes stay on the CPU machine
+        e2e_runs = [r for r in e2e_runs if r[0] in ("e2e", "e2e-crf", "e2e-all", "e2e-2actors")]
+        # A job of several scenes, where Ray's and the actor's start (most of a single scene's
+        # wall on a GPU) is paid once and each scene's COGs overlap the next one's tiles.
+        bucket = [
+            make_mosaic_vrt(scene, 1, cfg.out / f"bucket-{i}.vrt") for i in range(BUCKET_SCENES)
+        ]
+        e2e_runs.append(("e2e-bucket", bucket, e2e_form, (), False))
+    else:  # ahead-of-time packages are the CPU's; a GPU actor runs torch.compile (warm-up below)
+        log("compiled model packages for every timed run (a user's first run compiles them once)")
+        results["compile_cache"] = warm_compile_cache(
+            [(e2e_dir, form, 2 if "--workers" in extra else 1) for _, _, form, extra, _ in e2e_runs]
+            + [(models[SMALL_MODEL.name][1], SMALL_FORM, 1)],
+            scene,
+        )
+        save(results, cfg.out)
+    if cfg.device == "cuda" and e2e_form.compile:
+        # Fills inductor's on-disk caches, so that each timed actor's torch.compile finds its
+        # kernels there (it still compiles during its first batch, inside the scene's time).
+        log("warm-up: one untimed run on a small scene compiles the actor step once")
+        results["e2e_warm_up"] = run_segment(
+            "warm-up", make_scene(cfg.out, 1024), e2e_dir, cfg, form=e2e_form, polygons=False
+        )
     results["e2e"] = {}
     for label, scenes, form, extra, polygons in e2e_runs:
         if (polygons and not cfg.polygons) or not scenes:
@@ -1268,10 +1348,11 @@ def run_all(cfg: Config) -> dict[str, Any]:
             timeout_s=cfg.polygon_timeout_s if polygons else None,
         )
         save(results, cfg.out)
+    if cfg.device == "cuda":
+        return finish(results, cfg, started)
+    small_dir, small_form = models[SMALL_MODEL.name][1], SMALL_FORM
 
-    # 3. Memory, flat in scene size (small model), always bf16 compiled: the small model's limit
-    # flips between eager and compiled bf16 with the noise (within 6% of each other), and eager
-    # autocast holds ~350 MiB more in the actor, which would move the figure between runs.
+    # 3. Memory, flat in scene size (small model, SMALL_FORM).
     mem: dict[str, Any] = {}
     for key, path in (("small", scene), ("large", vrt)):
         mem[key] = run_segment(
@@ -1319,6 +1400,10 @@ def run_all(cfg: Config) -> dict[str, Any]:
         results["vectors"] = vectors.main(
             ["--size", str(cfg.e2e_size), "--out", str(cfg.out / "vectors")]
         )
+    return finish(results, cfg, started)
+
+
+def finish(results: dict[str, Any], cfg: Config, started: float) -> dict[str, Any]:
     results["total_s"] = time.perf_counter() - started
     results["machine"]["loadavg_end"] = os.getloadavg()
     results["code_end"] = code_version()
@@ -1332,9 +1417,16 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--quick", action="store_true", help="Reduced run to check the harness.")
     parser.add_argument(
+        "--device",
+        choices=["cpu", "cuda"],
+        default="cpu",
+        help="Where the model runs: cuda measures the GPU's raw forward and end-to-end runs "
+        "only [%(default)s].",
+    )
+    parser.add_argument(
         "--out",
-        help="Output folder [benchmarks/out; --quick: benchmarks/out/quick, so that a quick run "
-        "never overwrites a full run's results].",
+        help="Output folder [benchmarks/out, --device cuda: benchmarks/out/cuda; --quick: a "
+        "quick/ folder in it, so that a quick run never overwrites a full run's results].",
     )
     parser.add_argument(
         "--no-polygons", action="store_true", help="Skip the runs that make polygons."
