@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from geoseg.tiling.blend import Stitcher, taper, tile_weights
+from geoseg.tiling.blend import Stitcher, taper, tile_weights, weigh
 from geoseg.tiling.grid import TileGrid
 
 PAD = 512  # the test fields extend this far past the scene on every side
@@ -122,3 +124,23 @@ def test_weight_cache_does_not_grow_with_the_scene() -> None:
         stitcher.add(tile, ones, valid)
     assert len(grid) == 32 * 32
     assert stitcher.cached_weights <= 9
+
+
+def test_weigh_is_the_float32_product_of_read_only_float16_tiles() -> None:
+    """The actors' float16 tiles arrive read-only (Ray's object store): weighed in float32,
+    bit for bit what numpy computes, without a warning, the inputs untouched."""
+    rng = np.random.default_rng(3)
+    probs = rng.random((4, 512, 512)).astype(np.float16)
+    probs.setflags(write=False)
+    grid = TileGrid(height=2048, width=2048, tile_size=512, overlap=64)
+    middle = next(t for t in grid.tiles() if t.grid_row == 1 and t.grid_col == 1)
+    weights = tile_weights(grid, middle)  # tapered on every side
+    clipped = probs[:, 10:500, 3:]  # a strided view, as a tile clipped at the scene edge is
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out = weigh(clipped, weights[10:500, 3:])
+    assert out.dtype == np.float32
+    assert out.shape == (4, 490, 509)
+    np.testing.assert_array_equal(out, np.multiply(clipped, weights[10:500, 3:], dtype=np.float32))
+    assert out[0, 0, 0] == np.float32(probs[0, 10, 3]) * weights[10, 3]
+    assert weigh(probs.astype(np.float64), weights).dtype == np.float32

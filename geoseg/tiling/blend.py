@@ -23,12 +23,14 @@ for the next tile row, so memory is ``O(overlap x width x classes)``, independen
 
 from __future__ import annotations
 
+import warnings
 from bisect import bisect_left
 from dataclasses import dataclass, field
 from itertools import pairwise
 from math import pi
 
 import numpy as np
+import torch
 from numpy.typing import NDArray
 
 from geoseg.tiling.grid import Tile, TileGrid
@@ -68,6 +70,22 @@ def tile_weights(grid: TileGrid, tile: Tile) -> NDArray[np.float32]:
     w_rows = taper(tile.height, grid.overlap, top, bottom)[top_skip : top_skip + rows]
     w_cols = taper(tile.width, grid.overlap, left, right)[left_skip : left_skip + cols]
     return np.outer(w_rows, w_cols)
+
+
+def weigh(probs: NDArray[np.floating], weights: NDArray[np.float32]) -> NDArray[np.float32]:
+    """``probs * weights`` in float32 (``weights`` broadcast over the class planes).
+
+    Through torch: the actors hand over float16, and numpy converts float16 without SIMD (1.6 ms
+    for a 4-class 512² tile here, against 0.2 ms in torch), which made this multiplication most
+    of the driver's blending, the stage that bounds a GPU run.
+    """
+    # Zero-copy views; a tile fresh from Ray's object store is read-only, and torch warns about
+    # any read-only array although this one is only read.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        tensor = torch.from_numpy(probs)
+    weighted = torch.mul(tensor, torch.from_numpy(weights))
+    return weighted.to(torch.float32).numpy()  # float64 probabilities would promote
 
 
 def _segments(offsets: tuple[int, ...], size: int, length: int) -> list[tuple[int, int, int]]:
@@ -144,8 +162,10 @@ class Stitcher:
             col_off - tile.col_off : col_off - tile.col_off + cols,
         ]
         valid = valid[inside]
-        weights = self._weights_for(tile) * valid
-        weighted = np.multiply(probs[(slice(None), *inside)], weights, dtype=np.float32)
+        weights = self._weights_for(tile)
+        if not valid.all():
+            weights = weights * valid
+        weighted = weigh(probs[(slice(None), *inside)], weights)
         finished = []
         # Tiles start and end on segment boundaries, so a tile covers a contiguous run of segments.
         row_first = bisect_left(self._row_starts, row_off)
