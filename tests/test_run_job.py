@@ -481,13 +481,20 @@ def test_signal_stops_the_run_cleanly_and_a_rerun_resumes(
         str(root),
         tiling={"tile_size": 128, "overlap": 32},
     )
-    driver = subprocess.Popen(
-        [GEOSEG, "-q", "run", str(config)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
+    # Started from a background shell, pytest (and so the run) inherits SIGINT ignored, and Python
+    # then leaves it ignored, as any program does in a shell's background job: the run would not
+    # stop. A handled signal is reset to the default across exec, which Python maps to Ctrl-C.
+    inherited = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        driver = subprocess.Popen(
+            [GEOSEG, "-q", "run", str(config)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            start_new_session=True,
+        )
+    finally:
+        signal.signal(signal.SIGINT, inherited)
     try:
         deadline = time.monotonic() + 240
         while time.monotonic() < deadline:  # signal it while a scene is being segmented
