@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from xml.sax.saxutils import escape
 
@@ -34,6 +35,9 @@ CONFIDENCE_NODATA = 0  # 255 x max probability is never 0: at least 255 / classe
 # H200's 16 cores); on the 2-core CPU machine this is the 2 threads it always had.
 WRITE_THREADS = "ALL_CPUS"
 WRITE_ENV = {"GDAL_CACHEMAX": 256, "GDAL_NUM_THREADS": WRITE_THREADS}
+
+
+BlockRowSink = Callable[[int, NDArray[np.integer], NDArray[np.uint8] | None], None]
 
 
 def mask_dtype(num_classes: int) -> tuple[str, int]:
@@ -80,9 +84,17 @@ class ClassRasterWriter:
     """Writes ``mask.tif`` (and ``confidence.tif``) of one scene into ``out_dir``, row by row."""
 
     def __init__(
-        self, out_dir: Path, scene: SceneInfo, classes: list[ClassInfo], confidence: bool
+        self,
+        out_dir: Path,
+        scene: SceneInfo,
+        classes: list[ClassInfo],
+        confidence: bool,
+        on_block_row: BlockRowSink | None = None,
     ) -> None:
+        """``on_block_row(row_off, class ids, confidence or None)`` gets each block row once it
+        is written (in completion order), e.g. to polygonise the mask while it is streamed."""
         self.out_dir = out_dir
+        self._on_block_row = on_block_row
         self.scene = scene
         self.classes = classes
         self.dtype, self.nodata = mask_dtype(len(classes))
@@ -148,6 +160,8 @@ class ClassRasterWriter:
         self._mask.write(ids, 1, window=window)
         if self._conf is not None:
             self._conf.write(conf, 1, window=window)
+        if self._on_block_row is not None:
+            self._on_block_row(index * BLOCK, ids, conf if self._conf is not None else None)
 
     def close(self) -> None:
         """Release files without producing outputs (on failure); safe to call again."""
