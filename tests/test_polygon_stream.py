@@ -93,3 +93,12 @@ def test_a_failing_stream_hands_its_error_to_result_and_frees_the_writer(tmp_pat
         stream.add(row_off, strip[: min(BLOCK, 1300 - row_off)], None)
     with pytest.raises(InputError, match="row_off=0 has no confidence"):
         stream.result()
+
+
+def test_result_refuses_a_mask_whose_rows_did_not_all_arrive(tmp_path: Path) -> None:
+    _, scene = make_geoseg_scene(tmp_path, h=1300, w=300)
+    stream = PolygonStream(scene, NODATA, OPTIONS, with_confidence=False)
+    stream.add(0, np.zeros((BLOCK, 300), np.uint8), None)
+    with pytest.raises(RuntimeError, match="only 512 of the mask's 1300 rows"):
+        stream.result()
+    assert not any(t.name == "geoseg-polygons" and t.is_alive() for t in threading.enumerate())
