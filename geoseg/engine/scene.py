@@ -384,6 +384,8 @@ class PolygonStream:
     ) -> None:
         """Hand over a finished block row (the arrays are the stream's from now on)."""
         with self._changed:
+            if self._stopped:  # nothing will take it
+                return
             self._rows[row_off] = (classes, confidence)
             self._received += len(classes)
             self._changed.notify_all()
