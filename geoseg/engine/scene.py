@@ -384,10 +384,10 @@ class PolygonStream:
     ) -> None:
         """Hand over a finished block row (the arrays are the stream's from now on)."""
         with self._changed:
+            self._received += len(classes)
             if self._stopped:  # nothing will take it
                 return
             self._rows[row_off] = (classes, confidence)
-            self._received += len(classes)
             self._changed.notify_all()
             while self._ready() >= self._backlog and self._thread.is_alive():
                 self._changed.wait()
