@@ -12,15 +12,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import shapely
-from test_vectors_io import blob_mask, card, make_geoseg_scene
+from test_vectors_io import blob_mask, card, finished_mask_layer, make_geoseg_scene
 
-from geoseg.engine.scene import PolygonStream, SegmentOptions, _coverage
+from geoseg.engine.scene import PolygonStream, SegmentOptions
 from geoseg.errors import InputError
 from geoseg.io.cog import BLOCK, ClassRasterWriter
-from geoseg.io.rasters import SceneInfo
-from geoseg.io.vectors import read_strips
 from geoseg.measure import Quantity
-from geoseg.vectorize import PolygonLayer, vectorize_strips
+from geoseg.vectorize import PolygonLayer
 
 NODATA = 255
 OPTIONS = SegmentOptions(simplify=Quantity(1.0, "px"), min_area=Quantity(4.0, "px"))
@@ -35,21 +33,13 @@ def _layers_equal(a: PolygonLayer, b: PolygonLayer) -> None:
     assert shapely.equals_exact(a.geometries, b.geometries, tolerance=0).all()
 
 
-def _reference(folder: Path, scene: SceneInfo) -> PolygonLayer:
-    strips = read_strips(folder / "mask.tif", folder / "confidence.tif", BLOCK)
-    return vectorize_strips(
-        strips, scene.transform, scene.width, scene.height, NODATA, scene.crs_wkt,
-        _coverage(OPTIONS), with_confidence=True,
-    )  # fmt: skip
-
-
 def test_block_rows_written_out_of_order_give_the_finished_masks_polygons(
     tmp_path: Path,
 ) -> None:
     # 1,300 rows: block rows of 512, 512 and 276, written bottom first and in column pieces, as
     # tiles finish them; a backlog of 1 makes the writer wait for the thread at every row.
     _, scene = make_geoseg_scene(tmp_path / "ref", h=1300, w=700)
-    reference = _reference(tmp_path / "ref", scene)
+    reference = finished_mask_layer(tmp_path / "ref", scene, OPTIONS)
 
     mask = blob_mask(1300, 700)
     confidence = np.where(
@@ -66,7 +56,7 @@ def test_block_rows_written_out_of_order_give_the_finished_masks_polygons(
     _layers_equal(stream.result(), reference)
     # The stream was fed the very pixels the COG holds.
     writer.write_cogs()
-    _layers_equal(_reference(out, scene), reference)
+    _layers_equal(finished_mask_layer(out, scene, OPTIONS), reference)
 
 
 def test_a_stopped_stream_ends_without_polygons_and_never_blocks_the_writer(

@@ -25,13 +25,14 @@ from click.testing import CliRunner
 from pyproj import CRS
 
 from geoseg.cli import main
-from geoseg.engine.scene import SegmentOptions, _polygonize
+from geoseg.engine.scene import SegmentOptions, _coverage, _write_polygons
 from geoseg.errors import OutputExistsError
-from geoseg.io.cog import ClassRasterWriter
+from geoseg.io.cog import BLOCK, ClassRasterWriter
 from geoseg.io.rasters import SceneInfo
-from geoseg.io.vectors import FORMATS, read_class_raster
+from geoseg.io.vectors import FORMATS, read_class_raster, read_strips
 from geoseg.measure import Quantity
 from geoseg.models.card import ClassInfo, ModelCard
+from geoseg.vectorize import PolygonLayer, vectorize_strips
 
 CLASSES = ["water", "vegetation", "built", "bare", "road", "rail"]
 COLORS = [(31, 119, 180), (44, 160, 44), (214, 39, 40), (188, 189, 34), (148, 103, 189), (9, 9, 9)]
@@ -93,6 +94,15 @@ def make_geoseg_scene(folder: Path, h: int = 150, w: int = 200) -> tuple[Path, S
     return folder / "mask.tif", scene
 
 
+def finished_mask_layer(folder: Path, scene: SceneInfo, options: SegmentOptions) -> PolygonLayer:
+    """The polygons of ``folder``'s finished ``mask.tif`` (with its confidence), read in strips."""
+    return vectorize_strips(
+        read_strips(folder / "mask.tif", folder / "confidence.tif", BLOCK),
+        scene.transform, scene.width, scene.height, 255, scene.crs_wkt, _coverage(options),
+        with_confidence=True,
+    )  # fmt: skip
+
+
 def ogr_feature_counts(path: Path) -> dict[str, int]:
     """Layer name -> feature count, as Debian's `ogrinfo -so -al` reports them."""
     out = subprocess.run(
@@ -114,7 +124,8 @@ def segmented(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, int]:
         simplify=Quantity(1, "px"),
         vector_formats=("gpkg", "parquet", "fgb"),
     )
-    count = _polygonize(folder, scene, card(), 255, options, "ab" * 32, "scene-1")
+    layer = finished_mask_layer(folder, scene, options)
+    count = _write_polygons(folder, scene, card(), layer, options, "ab" * 32, "scene-1")
     return folder, count
 
 

@@ -13,9 +13,9 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from test_vectors_io import CLASSES, COLORS, EPSG, card, make_geoseg_scene
+from test_vectors_io import CLASSES, COLORS, EPSG, card, finished_mask_layer, make_geoseg_scene
 
-from geoseg.engine.scene import SegmentOptions, _polygonize
+from geoseg.engine.scene import SegmentOptions, _write_polygons
 from geoseg.measure import Quantity
 
 SYSTEM_PYTHON = "/usr/bin/python3"
@@ -80,7 +80,8 @@ def test_qgis_opens_polygons_and_mask_with_class_names_and_colours(tmp_path: Pat
     folder = tmp_path / "scene"
     _, scene = make_geoseg_scene(folder)
     options = SegmentOptions(simplify=Quantity(1, "px"), vector_formats=("gpkg", "fgb"))
-    count = _polygonize(folder, scene, card(), 255, options, None, "scene")
+    layer = finished_mask_layer(folder, scene, options)
+    count = _write_polygons(folder, scene, card(), layer, options, None, "scene")
     config = tmp_path / "qgis-config"
     config.mkdir()
     env = {

@@ -38,7 +38,6 @@ from geoseg.io.rasters import SceneInfo, open_scene
 from geoseg.io.vectors import (
     Provenance,
     complete_classes,
-    read_strips,
     write_polygons,
 )
 from geoseg.measure import Quantity, pixel_area_m2
@@ -51,8 +50,6 @@ from geoseg.vectorize import CoverageOptions, PolygonLayer, vectorize_strips
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
-
-POLYGON_STRIP_ROWS = 512
 
 
 @dataclass(frozen=True)
@@ -461,32 +458,16 @@ def _coverage(options: SegmentOptions) -> CoverageOptions:
     return CoverageOptions(options.min_area, options.fill_holes_below, options.simplify)
 
 
-def _polygonize(
+def _write_polygons(
     out_dir: Path,
     scene: SceneInfo,
     card: ModelCard,
-    nodata: int,
-    options: SegmentOptions | None = None,
+    layer: PolygonLayer,
+    options: SegmentOptions,
     weights_sha256: str | None = None,
     scene_id: str | None = None,
-    layer: PolygonLayer | None = None,
 ) -> int:
-    """Polygons in every format, plus ``mask.qml``: ``layer`` (a :class:`PolygonStream`'s),
-    or else those of the finished mask in ``out_dir``, read strip by strip."""
-    options = options or SegmentOptions()
-    if layer is None:
-        confidence = out_dir / "confidence.tif"
-        confidence_path = confidence if confidence.exists() else None
-        layer = vectorize_strips(
-            read_strips(out_dir / "mask.tif", confidence_path, POLYGON_STRIP_ROWS),
-            scene.transform,
-            scene.width,
-            scene.height,
-            nodata,
-            scene.crs_wkt,
-            _coverage(options),
-            with_confidence=confidence_path is not None,
-        )
+    """A scene's polygons (its :class:`PolygonStream`'s) in every format, plus ``mask.qml``."""
     provenance = Provenance(
         scene_id=scene_id or scene_output_name(scene.uri),
         model_name=card.name,
@@ -556,15 +537,8 @@ class PendingScene:
             if polygons is not None:
                 # What is left of the stream (sieve, hole filling, simplification) and writing.
                 t0 = time.perf_counter()
-                result.polygons = _polygonize(
-                    output.tmp,
-                    scene,
-                    card,
-                    mask_dtype(card.num_classes)[1],
-                    options,
-                    weights_sha256,
-                    result.name,
-                    layer=polygons.result(),
+                result.polygons = _write_polygons(
+                    output.tmp, scene, card, polygons.result(), options, weights_sha256, result.name
                 )
                 result.timings_s["polygons_s"] = time.perf_counter() - t0
             if before_commit is not None:
