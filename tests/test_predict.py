@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -42,6 +43,20 @@ def test_probabilities_are_the_models_softmax(trained_aerial_model: Path) -> Non
     probs = Predictor(trained_aerial_model, "cpu").probabilities(data)
     assert probs.dtype == np.float16 and probs.shape == (3, 5, 128, 128)
     np.testing.assert_allclose(probs.astype(np.float32), expected, atol=1e-3)
+
+
+def test_a_read_only_batch_gives_the_same_probabilities_without_a_warning(
+    trained_aerial_model: Path,
+) -> None:
+    data = _tiles(2)
+    predictor = Predictor(trained_aerial_model, "cpu")
+    expected = predictor.probabilities(data).copy()
+    data.setflags(write=False)  # as a batch from Ray's object store arrives
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        probs = predictor.probabilities(data)
+    np.testing.assert_array_equal(probs, expected)
+    assert not data.flags.writeable
 
 
 def test_compiled_model_pads_a_short_batch_and_compiles_once(

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -148,7 +149,13 @@ class Predictor:
         """
         self._configure_thread()
         count = len(data)
-        x = torch.from_numpy(np.ascontiguousarray(data)).to(self.device, non_blocking=True)
+        # A batch fresh from Ray's object store is read-only, and torch warns about any read-only
+        # array (in every actor's log) although the step only reads it: its first op, the
+        # normalisation, makes a new tensor.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            x = torch.from_numpy(np.ascontiguousarray(data))
+        x = x.to(self.device, non_blocking=True)
         if self.compiled and self.batch_size and count < self.batch_size:
             # A new batch size would compile the graph again (tens of seconds on a CPU).
             x = torch.cat([x, x.new_zeros((self.batch_size - count, *x.shape[1:]))])
