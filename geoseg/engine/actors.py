@@ -23,7 +23,7 @@ from geoseg.io.cog import mask_dtype
 from geoseg.io.rasters import SceneInfo, read_tile
 from geoseg.models.store import normalize
 from geoseg.tiling.bands import Band
-from geoseg.tiling.blend import classes_and_confidence
+from geoseg.tiling.blend import classes_and_confidence, tensor_view
 
 log = logging.getLogger(__name__)
 
@@ -115,8 +115,9 @@ class SegmentationWorker:
             image = np.clip(features.permute(1, 2, 0).numpy() * 255, 0, 255).astype(np.uint8)
             refined = dense_crf_refine(band.probs, image, band.valid, params)
         else:
-            probs = torch.from_numpy(np.array(band.probs)).to(self.device)
-            valid = torch.from_numpy(np.array(band.valid)).to(self.device)
+            # Read only (the CRF makes new tensors): no copy of the band out of the object store.
+            probs = tensor_view(band.probs).to(self.device)
+            valid = tensor_view(band.valid).to(self.device)
             features = features.to(self.device)
             if self.device.type == "cpu":
                 # Pieces of the band that fit the CPU's caches (exact: crf_refine_tiled keeps the

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import logging
 import threading
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +41,7 @@ from numpy.typing import NDArray
 from geoseg.engine.aot import AheadOfTime
 from geoseg.errors import ConfigError
 from geoseg.models.store import load_model, normalize
+from geoseg.tiling.blend import tensor_view
 
 log = logging.getLogger(__name__)
 
@@ -149,13 +149,8 @@ class Predictor:
         """
         self._configure_thread()
         count = len(data)
-        # A batch fresh from Ray's object store is read-only, and torch warns about any read-only
-        # array (in every actor's log) although the step only reads it: its first op, the
-        # normalisation, makes a new tensor.
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)
-            x = torch.from_numpy(np.ascontiguousarray(data))
-        x = x.to(self.device, non_blocking=True)
+        # Only read: the step's first op, the normalisation, makes a new tensor.
+        x = tensor_view(np.ascontiguousarray(data)).to(self.device, non_blocking=True)
         if self.compiled and self.batch_size and count < self.batch_size:
             # A new batch size would compile the graph again (tens of seconds on a CPU).
             x = torch.cat([x, x.new_zeros((self.batch_size - count, *x.shape[1:]))])

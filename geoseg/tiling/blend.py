@@ -72,6 +72,17 @@ def tile_weights(grid: TileGrid, tile: Tile) -> NDArray[np.float32]:
     return np.outer(w_rows, w_cols)
 
 
+def tensor_view(array: NDArray[np.generic]) -> torch.Tensor:
+    """A tensor sharing ``array``'s memory, for reading only.
+
+    Arrays fresh from Ray's object store are read-only, and torch warns about every read-only
+    array (in every actor's and the driver's log) although its callers here only read it.
+    """
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.from_numpy(array)
+
+
 def weigh(probs: NDArray[np.floating], weights: NDArray[np.float32]) -> NDArray[np.float32]:
     """``probs * weights`` in float32 (``weights`` broadcast over the class planes).
 
@@ -79,11 +90,7 @@ def weigh(probs: NDArray[np.floating], weights: NDArray[np.float32]) -> NDArray[
     512² tile here, against 0.1 ms in torch), which made this conversion most of the driver's
     blending, the stage that bounds a GPU run: torch converts, numpy multiplies.
     """
-    # Zero-copy views; a tile fresh from Ray's object store is read-only, and torch warns about
-    # any read-only array although this one is only read.
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)
-        tensor = torch.from_numpy(probs)
+    tensor = tensor_view(probs)
     # One thread: on a CPU machine the cores belong to the model actors, and torch's default
     # thread pool here cost them more than it saved (a 10k² scene 6-8% slower end to end).
     threads = torch.get_num_threads()
