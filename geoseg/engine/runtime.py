@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 import signal
@@ -32,6 +33,7 @@ def _object_store_bytes() -> int:
 
 
 _embedded = threading.Event()  # set: this process started its own local Ray (never grows)
+_stop_at_exit = threading.Event()  # set: stop_ray is registered to run at the interpreter's exit
 
 
 def start_ray(address: str | None, num_cpus: int | None = None) -> None:
@@ -55,9 +57,32 @@ def start_ray(address: str | None, num_cpus: int | None = None) -> None:
             logging_level=logging.WARNING if quiet else logging.INFO,
         )
         _embedded.set()
+    if not _stop_at_exit.is_set():
+        # Exit hooks run last registered first: this one before Ray's own (see stop_ray).
+        atexit.register(stop_ray)
+        _stop_at_exit.set()
     if callable(on_sigterm) and threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, on_sigterm)
     log.info("Ray resources: %s", ray.cluster_resources())
+
+
+def stop_ray() -> None:
+    """Stop the local Ray :func:`start_ray` started, or leave the joined cluster (idempotent).
+
+    Runs at the interpreter's exit, before Ray's own exit hook, which would first sleep 0.5 s and
+    then stop the autoscaler monitor only after the GCS: the monitor's exit handler reports to
+    the GCS, so it then waits out Ray's 1 s grace. Stopping the monitor first, the exit after a
+    run's last output took 0.5-0.6 s instead of 2.0-2.2 s (``benchmarks/README.md``).
+    """
+    if not ray.is_initialized():
+        return
+    if _embedded.is_set():
+        # Ray's node object is private: without it (another Ray version) only the 1 s comes back.
+        node = getattr(ray._private.worker, "_global_node", None)
+        if node is not None:
+            node.kill_monitor(check_alive=False)
+    ray.shutdown()
+    _embedded.clear()
 
 
 def cluster_gpus() -> float:
