@@ -4,16 +4,19 @@ Usage (from the repository root)::
 
     python -m benchmarks.ab REV [--pairs N] -- segment SCENE... --model DIR [options]
 
-The *old* arm is the ``geoseg`` package of git revision ``REV`` (``git archive``), the *new* arm
-the working tree. Runs alternate old, new, old, new... (the VM's speed drifts over minutes), each
-as ``python -m geoseg -q ARGS --out <temp>/<arm><i>`` from an empty folder with the arm's tree
-first on ``PYTHONPATH``: Python puts the working directory first on ``sys.path``, so a run started
-from the repository would import the working tree whatever ``PYTHONPATH`` says (one session's A/B
-figures compared the new code with itself that way). Each arm's import path is checked before its
-first run. Arguments naming existing files or folders are made absolute.
+The *old* arm is the ``geoseg`` package of git revision ``REV`` (``git archive``; or ``REV`` is a
+folder that holds a ``geoseg`` package), the *new* arm the working tree. Runs alternate old, new,
+old, new... (the VM's speed drifts over minutes), each as ``python -m geoseg -q ARGS --out
+<temp>/<arm><i>`` from an empty folder with the arm's tree first on ``PYTHONPATH``: Python puts the
+working directory first on ``sys.path``, so a run started from the repository would import the
+working tree whatever ``PYTHONPATH`` says (one session's A/B figures compared the new code with
+itself that way). Each arm's import path is checked before its first run. Arguments naming existing
+files or folders are made absolute.
 
-Prints each run's wall clock, the time in its scenes and after its last scene, each arm's mean,
-and whether the arms' class maps and confidence rasters are equal, pixel for pixel.
+Prints each run's wall clock, the time before its first scene, in its scenes and after its last
+scene, the pipeline's own timers summed over the scenes (run.json: read, infer, blend, wait, stitch,
+crf, cog), each arm's mean, and whether the arms' class maps and confidence rasters are equal, pixel
+for pixel.
 """
 
 from __future__ import annotations
@@ -36,7 +39,10 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def old_tree(rev: str, into: Path) -> Path:
-    """The ``geoseg`` package of ``rev``, unpacked under ``into``."""
+    """The ``geoseg`` package of ``rev``, unpacked under ``into``; or ``rev`` itself, a folder
+    holding a ``geoseg`` package (a machine without the repository's history: a GPU box)."""
+    if (Path(rev) / "geoseg" / "__init__.py").exists():
+        return Path(rev).resolve()
     archive = subprocess.run(
         ["git", "-C", str(REPO), "archive", rev, "geoseg"], check=True, capture_output=True
     ).stdout
@@ -84,6 +90,11 @@ def run_once(tree: Path, args: list[str], out: Path, cwd: Path) -> dict[str, flo
         "before": first - start,
         "scenes": last - first,
         "after": end - last,
+        # The pipeline's own timers (run.json), summed over the scenes.
+        **{
+            key: sum(s["timings_s"].get(f"{key}_s", 0.0) for s in scenes)
+            for key in ("read", "infer", "blend", "wait", "stitch", "crf", "cog")
+        },
     }
 
 
@@ -105,7 +116,9 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], usage="%(prog)s REV [--pairs N] -- GEOSEG_ARGS..."
     )
-    parser.add_argument("rev", help="git revision of the old arm")
+    parser.add_argument(
+        "rev", help="git revision of the old arm, or a folder holding its geoseg package"
+    )
     parser.add_argument("--pairs", type=int, default=2, help="old/new pairs [2]")
     argv = sys.argv[1:] if argv is None else argv
     split = argv.index("--") if "--" in argv else len(argv)

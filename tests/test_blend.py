@@ -6,10 +6,19 @@ import warnings
 
 import numpy as np
 import pytest
+import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from geoseg.tiling.blend import Stitcher, taper, tile_weights, weigh
+from geoseg.tiling.blend import (
+    Stitcher,
+    blend_run,
+    classes_and_confidence,
+    crop,
+    partial_pieces,
+    taper,
+    tile_weights,
+)
 from geoseg.tiling.grid import TileGrid
 
 PAD = 512  # the test fields extend this far past the scene on every side
@@ -126,21 +135,117 @@ def test_weight_cache_does_not_grow_with_the_scene() -> None:
     assert stitcher.cached_weights <= 9
 
 
-def test_weigh_is_the_float32_product_of_read_only_float16_tiles() -> None:
-    """The actors' float16 tiles arrive read-only (Ray's object store): weighed in float32,
-    bit for bit what numpy computes, without a warning, the inputs untouched."""
+def test_float16_read_only_tiles_are_weighed_in_float32() -> None:
+    """The actors' float16 tiles arrive read-only (Ray's object store): weighed in float32, bit
+    for bit what numpy computes, without a warning, the input untouched."""
     rng = np.random.default_rng(3)
-    probs = rng.random((4, 512, 512)).astype(np.float16)
-    probs.setflags(write=False)
     grid = TileGrid(height=2048, width=2048, tile_size=512, overlap=64)
     middle = next(t for t in grid.tiles() if t.grid_row == 1 and t.grid_col == 1)
-    weights = tile_weights(grid, middle)  # tapered on every side
-    clipped = probs[:, 10:500, 3:]  # a strided view, as a tile clipped at the scene edge is
+    probs = rng.random((4, 512, 512)).astype(np.float16)
+    probs.setflags(write=False)
+    valid = np.ones((512, 512), bool)
+    stitcher = Stitcher(grid, 4)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        out = weigh(clipped, weights[10:500, 3:])
-    assert out.dtype == np.float32
-    assert out.shape == (4, 490, 509)
-    np.testing.assert_array_equal(out, np.multiply(clipped, weights[10:500, 3:], dtype=np.float32))
-    assert out[0, 0, 0] == np.float32(probs[0, 10, 3]) * weights[10, 3]
-    assert weigh(probs.astype(np.float64), weights).dtype == np.float32
+        (final, *_partial) = stitcher.add(middle, probs, valid)
+    # The tile's own core: rows and columns no neighbour covers.
+    assert (final.row_off, final.col_off, *final.valid.shape) == (448, 448, 384, 384)
+    weights = tile_weights(grid, middle)
+    expected = np.multiply(probs, weights, dtype=np.float32)[:, 64:448, 64:448]
+    assert final.probs.dtype == np.float32
+    np.testing.assert_array_equal(final.probs, expected)
+    assert stitcher.pending_cells == 8  # the frame: 4 edges and 4 corners wait for neighbours
+
+
+def test_run_layout_of_four_tiles() -> None:
+    """A run finishes its core rows between the outer overlaps; its frame is one overlap wide."""
+    grid = TileGrid(height=2048, width=2048, tile_size=512, overlap=64)
+    stitcher = Stitcher(grid, 1)
+    run = [grid.tile(1, c) for c in range(1, 5)]  # offsets 384, 832, 1280, 1728 (step 448)
+    layout = stitcher.layout(run)
+    assert layout.footprint == (384, 384, 512, 2048 - 384)  # the last tile is clipped at 2048
+    # Rows 448-832: only tile row 1. Columns from the end of tile 0 (448) to the scene's edge:
+    # no tile right of the run (tile 4 is the last column).
+    assert layout.final == (448, 448, 384, 2048 - 448)
+    footprint_pixels = 512 * (2048 - 384)
+    assert layout.partial_pixels == footprint_pixels - 384 * (2048 - 448)
+    assert {cell.tiles for cell in layout.partial} == {1, 2}
+    with pytest.raises(ValueError, match="consecutive tiles of one tile row"):
+        stitcher.layout([grid.tile(1, 1), grid.tile(1, 3)])
+    with pytest.raises(ValueError, match="consecutive tiles of one tile row"):
+        stitcher.layout([grid.tile(1, 4), grid.tile(2, 0)])
+
+
+@pytest.mark.parametrize(
+    ("height", "width", "tile", "overlap", "align", "run"),
+    [
+        (723, 934, 256, 64, 16, 3),
+        (101, 100, 32, 8, 8, 2),
+        (300, 1, 64, 16, 16, 4),
+        (5, 7, 16, 0, 16, 1),
+    ],
+)
+def test_runs_blended_apart_stitch_what_single_tiles_stitch(
+    height: int, width: int, tile: int, overlap: int, align: int, run: int
+) -> None:
+    """Runs of tiles blended where the model ran (final rectangle + partial cells handed to the
+    stitcher) give the scene that tile-by-tile stitching gives; the final pixels bit for bit."""
+    rng = np.random.default_rng(5)
+    grid = TileGrid(height, width, tile, overlap, align)
+    field = rng.random((3, height + 2 * PAD, width + 2 * PAD)).astype(np.float16)
+    valid = rng.random((height + 2 * PAD, width + 2 * PAD)) > 0.1
+    reference, _ = _stitch(grid, field, valid)
+    stitcher = Stitcher(grid, 3)
+    out = np.full_like(reference, np.nan)
+    final_mask = np.zeros((height, width), bool)
+
+    def place(row_off: int, col_off: int, probs: np.ndarray) -> None:
+        target = out[:, row_off : row_off + probs.shape[1], col_off : col_off + probs.shape[2]]
+        assert np.isnan(target).all(), "a pixel was handed back twice"
+        target[...] = probs
+
+    rows, cols = grid.shape
+    for r in range(rows):
+        for c0 in range(0, cols, run):
+            tiles = [grid.tile(r, c) for c in range(c0, min(c0 + run, cols))]
+            windows = [
+                np.s_[t.row_off + PAD : t.row_off + PAD + t.height,
+                      t.col_off + PAD : t.col_off + PAD + t.width]
+                for t in tiles
+            ]  # fmt: skip
+            probs = torch.from_numpy(np.stack([field[(slice(None), *w)] for w in windows]))
+            tile_valid = torch.from_numpy(np.stack([valid[w] for w in windows]))
+            layout = stitcher.layout(tiles)
+            summed, summed_valid = blend_run(
+                grid, layout, tiles, probs, tile_valid,
+                lambda t: torch.from_numpy(stitcher.weights_for(t)),
+            )  # fmt: skip
+            if layout.final is not None:
+                final, _ = crop(summed, summed_valid, layout.footprint, layout.final)
+                place(layout.final[0], layout.final[1], final.numpy())
+                fr, fc, fh, fw = layout.final
+                final_mask[fr : fr + fh, fc : fc + fw] = True
+            packed, packed_valid = partial_pieces(summed, summed_valid, layout)
+            for block in stitcher.add_partial(layout, packed.numpy(), packed_valid.numpy()):
+                place(block.row_off, block.col_off, block.probs)
+    assert not np.isnan(out).any(), "some part of the scene was never handed back"
+    assert stitcher.pending_cells == 0
+    assert final_mask.any()
+    np.testing.assert_array_equal(out[:, final_mask], reference[:, final_mask])
+    np.testing.assert_allclose(out, reference, atol=1e-6)
+
+
+@pytest.mark.parametrize("nodata", [255, 65535])
+def test_classes_and_confidence_follow_argmax_and_mark_nodata(nodata: int) -> None:
+    rng = np.random.default_rng(7)
+    probs = rng.random((5, 40, 60)).astype(np.float32)
+    probs[:, 0, :10] = 0.5  # ties: the first class wins, as with argmax
+    valid = rng.random((40, 60)) > 0.2
+    dtype = "uint8" if nodata == 255 else "uint16"
+    ids, confidence = classes_and_confidence(probs, valid, nodata, dtype)
+    assert ids.dtype == np.dtype(dtype) and confidence.dtype == np.uint8
+    np.testing.assert_array_equal(ids[valid], probs.argmax(axis=0)[valid])
+    assert (ids[~valid] == nodata).all() and (confidence[~valid] == 0).all()
+    assert (ids[0, :10][valid[0, :10]] == 0).all()
+    expected = np.clip(np.rint(probs.max(axis=0) * 255), 1, 255).astype(np.uint8)
+    np.testing.assert_array_equal(confidence[valid], expected[valid])

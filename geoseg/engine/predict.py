@@ -16,12 +16,11 @@ Speed options, each kept only where the class map stays within 0.1% of fp32 (the
   once.
 * channels_last memory format on the CPU and under autocast on CUDA (where it pays off).
 
-Probabilities leave the step as float16: half the bytes through Ray's object store and, on CUDA,
-across PCIe. (float32 on the CPU spared the driver numpy's float16 conversion, 1.1 s of CPU on a
-10k² scene, but the object store's pages it touched raised the 40k² run's peak memory from 2.9 to
-3.5 GiB.) On CUDA they come back through a reused page-locked host buffer per calling thread:
-copying them into freshly allocated pageable memory took 3x longer than the forward pass itself
-(H100, ``benchmarks/README.md``).
+Probabilities leave the step as float16, on the device (:meth:`Predictor.device_probabilities`):
+an actor blends them there and sends on far fewer bytes. What comes back to the host
+(:meth:`Predictor.to_host`) comes, on CUDA, through a reused page-locked host buffer per calling
+thread, in one transfer: copying into freshly allocated pageable memory took 3x longer than the
+forward pass itself (H100, ``benchmarks/README.md``).
 
 A predictor may be called from several threads at once (an actor running several forward passes
 at a time): calls share nothing but the model.
@@ -141,12 +140,9 @@ class Predictor:
         return out
 
     @torch.inference_mode()
-    def probabilities(self, data: NDArray[np.generic]) -> NDArray[np.float16]:
-        """Class probabilities ``(B, classes, H, W)`` float16 of raw tiles ``(B, bands, H, W)``.
-
-        The array may be a view of a buffer reused by this thread's next call: the caller copies it
-        (a Ray actor does so when it stores its return value) before calling again.
-        """
+    def device_probabilities(self, data: NDArray[np.generic]) -> torch.Tensor:
+        """Class probabilities ``(B, classes, H, W)`` float16, on this device, of raw tiles
+        ``(B, bands, H, W)``."""
         self._configure_thread()
         count = len(data)
         # Only read: the step's first op, the normalisation, makes a new tensor.
@@ -155,13 +151,38 @@ class Predictor:
             # A new batch size would compile the graph again (tens of seconds on a CPU).
             x = torch.cat([x, x.new_zeros((self.batch_size - count, *x.shape[1:]))])
         probs: torch.Tensor = self._step(x)[:count]
+        return probs
+
+    @torch.inference_mode()
+    def probabilities(self, data: NDArray[np.generic]) -> NDArray[np.float16]:
+        """Class probabilities ``(B, classes, H, W)`` float16 of raw tiles ``(B, bands, H, W)``.
+
+        The array may be a view of a buffer reused by this thread's next call: the caller copies it
+        (a Ray actor does so when it stores its return value) before calling again.
+        """
+        (probs,) = self.to_host([self.device_probabilities(data)])
+        return probs  # type: ignore[return-value]
+
+    def to_host(self, tensors: list[torch.Tensor]) -> list[NDArray[np.generic]]:
+        """``tensors`` of this device as numpy arrays in host memory, in one transfer off a GPU.
+
+        On CUDA they are views of a page-locked buffer this thread reuses at its next call: the
+        caller copies them (a Ray actor does so when it stores its return value) before calling
+        again.
+        """
         if self.device.type != "cuda":
-            return probs.numpy()
+            return [t.contiguous().numpy() for t in tensors]
+        sizes = [t.numel() * t.element_size() for t in tensors]
+        starts = [sum(-(-size // 64) * 64 for size in sizes[:i]) for i in range(len(sizes))]
+        total = (starts[-1] + sizes[-1]) if tensors else 0
         buffer: torch.Tensor | None = getattr(self._local, "host", None)
-        if buffer is None or buffer.numel() < probs.numel():
-            buffer = torch.empty(probs.numel(), dtype=probs.dtype, pin_memory=True)
+        if buffer is None or buffer.numel() < total:
+            buffer = torch.empty(total, dtype=torch.uint8, pin_memory=True)
             self._local.host = buffer
-        host = buffer[: probs.numel()].view(probs.shape)
-        host.copy_(probs, non_blocking=True)
+        hosts = []
+        for tensor, start, size in zip(tensors, starts, sizes, strict=True):
+            host = buffer[start : start + size].view(tensor.dtype).view(tensor.shape)
+            host.copy_(tensor, non_blocking=True)
+            hosts.append(host)
         torch.cuda.current_stream(self.device).synchronize()
-        return host.numpy()
+        return [host.numpy() for host in hosts]

@@ -1,11 +1,12 @@
-"""Segmenting scenes: tiles out to the model actors, probabilities back, stitched and written.
+"""Segmenting scenes: tiles out to the model actors, blended there, stitched and written.
 
-Per scene: validate the input against the card, lay the tile grid, keep at most
-``tiles_in_flight`` batches between reading and stitching (backpressure), turn each finished block
-of blended probabilities into class ids and confidence, and stream them to the COG writer
-(:func:`infer_scene`); then convert to COGs, polygonise the finished mask strip by strip, and
-commit the scene's folder atomically (:meth:`PendingScene.finish`), on a background thread while
-the next scene is inferred (:class:`SceneOverlap`).
+Per scene: validate the input against the card, lay the tile grid, send its tiles to the actors in
+batches (each blended there in runs of one tile row), keep at most ``tiles_in_flight`` of them
+between reading and stitching (backpressure), write what each run finished (class ids and
+confidence, made by the actor), add the frames the runs share, classify each cell they finish, and
+stream it all to the COG writer (:func:`infer_scene`); then convert to COGs, polygonise the finished
+mask strip by strip, and commit the scene's folder atomically (:meth:`PendingScene.finish`), on a
+background thread while the next scene is inferred (:class:`SceneOverlap`).
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ from geoseg.io.vectors import (
 from geoseg.measure import Quantity, pixel_area_m2
 from geoseg.models.card import ModelCard, read_card
 from geoseg.tiling.bands import BandAssembler
-from geoseg.tiling.blend import Stitcher, classes_and_confidence
+from geoseg.tiling.blend import Block, Stitcher, classes_and_confidence
 from geoseg.tiling.grid import Tile, TileGrid
 from geoseg.vectorize import CoverageOptions, PolygonLayer, vectorize_strips
 
@@ -274,8 +275,14 @@ def _stitch_and_write(
     batches = _chunks(grid.tiles(), options.batch_size)
     in_flight_max = options.tiles_in_flight or 2 * len(pool.actors) * pool.streams + 1
     pending: dict[ray.ObjectRef[Any], tuple[list[Tile], int]] = {}
-    empty: NDArray[np.float16] | None = None
-    timings = {"read_s": 0.0, "infer_s": 0.0, "stitch_s": 0.0, "wait_s": 0.0, "crf_s": 0.0}
+    timings = {
+        "read_s": 0.0,
+        "infer_s": 0.0,
+        "blend_s": 0.0,
+        "stitch_s": 0.0,
+        "wait_s": 0.0,
+        "crf_s": 0.0,
+    }
     progress = tqdm(
         total=len(grid),
         desc=result.name,
@@ -283,45 +290,49 @@ def _stitch_and_write(
         disable=not (options.progress and sys.stderr.isatty()),
         leave=False,
     )
+
+    def finished(block: Block) -> None:
+        if bands is None:
+            ids, confidence = classes_and_confidence(block.probs, block.valid, nodata, dtype)
+            writer.write(block.row_off, block.col_off, ids, confidence)
+            return
+        for band in bands.add(block):
+            assert crf is not None
+            ref, actor = pool.call(
+                "refine", scene, band, card.crf_feature_indexes(), crf, options.crf_backend
+            )
+            refining[ref] = (band.row_off, actor)
+            collect_refined(block_until_below=2)
+
     next_batch = 0
     try:
         while next_batch < len(batches) or pending:
             while next_batch < len(batches) and len(pending) < in_flight_max:
                 tiles = batches[next_batch]
-                ref, actor = pool.call("predict", read_batch.remote(scene, tiles))
+                ref, actor = pool.call(
+                    "predict", grid, tiles, read_batch.remote(scene, tiles), bands is None
+                )
                 pending[ref] = (tiles, actor)
                 next_batch += 1
             t0 = time.perf_counter()
             ready, _ = ray.wait(list(pending), num_returns=1)
             tiles, actor = pending.pop(ready[0])
             pool.done(actor)
-            probs, valid, stats = ray.get(ready[0])
+            outputs, stats = ray.get(ready[0])
             t1 = time.perf_counter()
-            for key in ("read_s", "infer_s"):
+            for key in ("read_s", "infer_s", "blend_s"):
                 timings[key] += stats[key]
             result.tiles_skipped_nodata += int(stats["tiles_skipped"])
-            for i, tile in enumerate(tiles):
-                if probs is None:
-                    if empty is None:
-                        empty = np.zeros((card.num_classes, tile.height, tile.width), np.float16)
-                    tile_probs = empty
-                else:
-                    tile_probs = probs[i]
-                for block in stitcher.add(tile, tile_probs, valid[i]):
+            for run in outputs:
+                if run.layout.final is not None:
+                    row_off, col_off, _, _ = run.layout.final
                     if bands is None:
-                        ids, confidence = classes_and_confidence(
-                            block.probs, block.valid, nodata, dtype
-                        )
-                        writer.write(block.row_off, block.col_off, ids, confidence)
-                        continue
-                    for band in bands.add(block):
-                        assert crf is not None
-                        ref, actor = pool.call(
-                            "refine", scene, band, card.crf_feature_indexes(), crf,
-                            options.crf_backend,
-                        )  # fmt: skip
-                        refining[ref] = (band.row_off, actor)
-                        collect_refined(block_until_below=2)
+                        ids, confidence = run.final
+                        writer.write(row_off, col_off, ids.astype(dtype, copy=False), confidence)
+                    else:
+                        finished(Block(row_off, col_off, *run.final))
+                for block in stitcher.add_partial(run.layout, run.partial, run.partial_valid):
+                    finished(block)
             progress.update(len(tiles))
             timings["wait_s"] += t1 - t0
             timings["stitch_s"] += time.perf_counter() - t1

@@ -19,12 +19,22 @@ Streaming. The scene is split along each axis at every tile start and end, into 
 one or two tiles; a cell (row segment x column segment) is final once each tile covering it has been
 added. With tiles added in row-major order only the cells of one ``overlap``-high band of rows wait
 for the next tile row, so memory is ``O(overlap x width x classes)``, independent of the height.
+
+Runs. The model actors blend a whole batch where it was inferred (on the GPU there), as a *run* of
+consecutive tiles of one tile row (:func:`blend_run`): the cells every tile of which is in the run
+(the run's core, one rectangle: :class:`RunLayout`) are final there and are classified there; only
+the frame one overlap wide that the run shares with its neighbours comes to the :class:`Stitcher`
+as partial sums (:meth:`Stitcher.add_partial`). A final pixel is the same float32 sum, tiles added
+left to right, as tile-by-tile stitching gives; a frame pixel's partial sums may be added in
+another order (a float32 rounding).
 """
 
 from __future__ import annotations
 
 import warnings
 from bisect import bisect_left
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from itertools import pairwise
 from math import pi
@@ -83,29 +93,6 @@ def tensor_view(array: NDArray[np.generic]) -> torch.Tensor:
         return torch.from_numpy(array)
 
 
-def weigh(probs: NDArray[np.floating], weights: NDArray[np.float32]) -> NDArray[np.float32]:
-    """``probs * weights`` in float32 (``weights`` broadcast over the class planes).
-
-    The actors hand over float16, and numpy converts float16 without SIMD (1.5 ms for a 4-class
-    512² tile here, against 0.1 ms in torch), which made this conversion most of the driver's
-    blending, the stage that bounds a GPU run: torch converts, numpy multiplies.
-    """
-    tensor = tensor_view(probs)
-    # One thread: on a CPU machine the cores belong to the model actors, and torch's default
-    # thread pool here cost them more than it saved (a 10k² scene 6-8% slower end to end).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    # Only the conversion in torch, into an array numpy allocates: with torch's own allocations
-    # (its result, or the float32 temporary a mixed-type multiply makes) the driver's private
-    # memory grew by ~290 MiB over a 10k² scene.
-    weighted = np.empty(probs.shape, dtype=np.float32)
-    try:
-        torch.from_numpy(weighted).copy_(tensor)
-    finally:
-        torch.set_num_threads(threads)
-    return np.multiply(weighted, weights, out=weighted)
-
-
 def _segments(offsets: tuple[int, ...], size: int, length: int) -> list[tuple[int, int, int]]:
     """Split ``[0, length)`` at every tile start and end: ``(start, stop, tiles covering)``."""
     cuts = sorted({0, length, *offsets, *(min(o + size, length) for o in offsets)})
@@ -126,15 +113,49 @@ class Block:
     valid: NDArray[np.bool_]  # (rows, cols)
 
 
-@dataclass
-class _Cell:
-    remaining: int
-    probs: NDArray[np.float32] | None = None
-    valid: NDArray[np.bool_] | None = field(default=None)
+@dataclass(frozen=True)
+class Cell:
+    """A cell of the stitcher (row segment x column segment) in a run's footprint that still
+    waits for tiles outside the run; ``tiles``: how many of the run's tiles cover it."""
+
+    row: int  # row segment index
+    col: int  # column segment index
+    row_off: int
+    col_off: int
+    rows: int
+    cols: int
+    tiles: int
+
+
+@dataclass(frozen=True)
+class RunLayout:
+    """A run of tiles (consecutive, in one tile row) cut into what the run alone finishes and
+    what waits for its neighbours.
+
+    Scene-clipped windows ``(row_off, col_off, rows, cols)``. A cell is final in the run when
+    every tile covering it is in the run: the rows only this tile row covers (a tile row always
+    has some, as ``overlap < tile / 2``) times the columns no tile left or right of the run
+    covers. That is one rectangle, ``final``; the rest of the footprint, a frame one overlap
+    wide, is ``partial``. A last tile row (or column) that lies inside its neighbour's overlap
+    finishes nothing alone: ``final`` is then None and the whole footprint partial.
+    """
+
+    footprint: tuple[int, int, int, int]
+    final: tuple[int, int, int, int] | None
+    partial: tuple[Cell, ...]
+
+    @property
+    def partial_pixels(self) -> int:
+        return sum(cell.rows * cell.cols for cell in self.partial)
 
 
 class Stitcher:
-    """Accumulates tile probabilities and hands back each part of the scene once it is final."""
+    """Accumulates tile probabilities and hands back each part of the scene once it is final.
+
+    Tiles arrive one by one (:meth:`add`) or as runs already blended where the model ran
+    (:func:`blend_run`, :meth:`add_partial`): a run's final rectangle needs nothing more, and
+    only its frame of partial sums passes through here.
+    """
 
     def __init__(self, grid: TileGrid, num_classes: int) -> None:
         self.grid = grid
@@ -156,17 +177,66 @@ class Stitcher:
         """Cells that have received some but not all of their tiles (for memory tests)."""
         return len(self._cells)
 
-    def _weights_for(self, tile: Tile) -> NDArray[np.float32]:
-        # Only the neighbour flags and the clipping change the weights: cache by those (never by
-        # the tile's position, or the cache would grow with the scene: one array per tile).
+    def weights_key(self, tile: Tile) -> tuple[bool | int, ...]:
+        """What ``tile``'s weights depend on: its neighbours and its clipping, never its position
+        (a cache by position would grow with the scene: one array per tile)."""
         row_off, col_off, rows, cols = tile.clipped(self.grid.height, self.grid.width)
         clipping = (row_off - tile.row_off, col_off - tile.col_off, rows, cols)
-        key = (*_taper_flags(tile, self.grid), *clipping)
+        return (*_taper_flags(tile, self.grid), *clipping)
+
+    def weights_for(self, tile: Tile) -> NDArray[np.float32]:
+        key = self.weights_key(tile)
         weights = self._weights.get(key)
         if weights is None:
             weights = tile_weights(self.grid, tile)
             self._weights[key] = weights
         return weights
+
+    def _span(self, starts: list[int], first: int, stop: int) -> range:
+        # Tiles start and end on segment boundaries: a tile covers a contiguous run of segments.
+        return range(bisect_left(starts, first), bisect_left(starts, stop))
+
+    def layout(self, tiles: list[Tile]) -> RunLayout:
+        """Final rectangle and partial cells of a run of ``tiles`` (see :class:`RunLayout`)."""
+        rows_of = {t.grid_row for t in tiles}
+        cols = [t.grid_col for t in tiles]
+        if len(rows_of) != 1 or cols != list(range(cols[0], cols[0] + len(cols))):
+            raise ValueError("a run is consecutive tiles of one tile row")
+        windows = [t.clipped(self.grid.height, self.grid.width) for t in tiles]
+        row_off, _, rows, _ = windows[0]
+        col_off = windows[0][1]
+        col_end = windows[-1][1] + windows[-1][3]
+        row_span = self._span(self._row_starts, row_off, row_off + rows)
+        col_span = self._span(self._col_starts, col_off, col_end)
+        col_tiles = {
+            ci: sum(1 for _, c, _, w in windows if c <= self._col_starts[ci] < c + w)
+            for ci in col_span
+        }
+        final_rows = [ri for ri in row_span if self._row_segments[ri][2] == 1]
+        final_cols = [ci for ci in col_span if self._col_segments[ci][2] == col_tiles[ci]]
+        if not final_rows or not final_cols:  # a last tile row or column inside its neighbour's
+            final_rows, final_cols = [], []
+        final_cells = {(ri, ci) for ri in final_rows for ci in final_cols}
+        partial = tuple(
+            Cell(ri, ci, rs, cs, re - rs, ce - cs, col_tiles[ci])
+            for ri in row_span
+            for ci in col_span
+            for (rs, re, _), (cs, ce, _) in [(self._row_segments[ri], self._col_segments[ci])]
+            if (ri, ci) not in final_cells
+        )
+        final = None
+        if final_cells:
+            assert len(final_rows) == 1 and final_cols == list(
+                range(final_cols[0], final_cols[-1] + 1)
+            ), "overlap < tile / 2: at most one row segment a tile row covers alone"
+            r0, r1, _ = self._row_segments[final_rows[0]]
+            c0, c1 = self._col_segments[final_cols[0]][0], self._col_segments[final_cols[-1]][1]
+            final = (r0, c0, r1 - r0, c1 - c0)
+        return RunLayout(
+            footprint=(row_off, col_off, rows, col_end - col_off),
+            final=final,
+            partial=partial,
+        )
 
     def add(self, tile: Tile, probs: NDArray[np.floating], valid: NDArray[np.bool_]) -> list[Block]:
         """Add one tile's probabilities ``(classes, tile rows, tile cols)`` and validity mask.
@@ -174,59 +244,170 @@ class Stitcher:
         Both cover the whole tile, margins past the scene edge included; those are cropped here.
         Returns the blocks that became final.
         """
-        row_off, col_off, rows, cols = tile.clipped(self.grid.height, self.grid.width)
-        inside = np.s_[
-            row_off - tile.row_off : row_off - tile.row_off + rows,
-            col_off - tile.col_off : col_off - tile.col_off + cols,
-        ]
-        valid = valid[inside]
-        weights = self._weights_for(tile)
-        if not valid.all():
-            weights = weights * valid
-        weighted = weigh(probs[(slice(None), *inside)], weights)
+        layout = self.layout([tile])
+        with one_torch_thread():
+            blended, blended_valid = blend_run(
+                self.grid,
+                layout,
+                [tile],
+                tensor_view(np.asarray(probs))[None],
+                tensor_view(np.asarray(valid))[None],
+                lambda t: tensor_view(self.weights_for(t)),
+            )
+            partial = partial_pieces(blended, blended_valid, layout)
+            finished = []
+            if layout.final is not None:
+                final, final_valid = crop(blended, blended_valid, layout.footprint, layout.final)
+                finished.append(
+                    Block(layout.final[0], layout.final[1], final.numpy(), final_valid.numpy())
+                )
+        return finished + self.add_partial(layout, partial[0].numpy(), partial[1].numpy())
+
+    def add_partial(
+        self, layout: RunLayout, probs: NDArray[np.float32], valid: NDArray[np.bool_]
+    ) -> list[Block]:
+        """Add a run's partial cells: their weighted sums ``probs`` (classes, pixels) and validity
+        ``valid`` (pixels), each cell's pixels row-major, one cell after the other in
+        ``layout.partial``'s order (what :func:`partial_pieces` makes). Returns the blocks that
+        became final."""
         finished = []
-        # Tiles start and end on segment boundaries, so a tile covers a contiguous run of segments.
-        row_first = bisect_left(self._row_starts, row_off)
-        row_last = bisect_left(self._row_starts, row_off + rows)
-        col_first = bisect_left(self._col_starts, col_off)
-        col_last = bisect_left(self._col_starts, col_off + cols)
-        for ri in range(row_first, row_last):
-            r0, r1, r_cover = self._row_segments[ri]
-            for ci in range(col_first, col_last):
-                c0, c1, c_cover = self._col_segments[ci]
-                part = weighted[:, r0 - row_off : r1 - row_off, c0 - col_off : c1 - col_off]
-                cell = self._cells.get((ri, ci))
-                if cell is None:
-                    cell = _Cell(remaining=r_cover * c_cover)
-                    self._cells[(ri, ci)] = cell
-                if cell.probs is None:
-                    cell.probs = part.copy() if cell.remaining > 1 else part
-                    cell.valid = valid[r0 - row_off : r1 - row_off, c0 - col_off : c1 - col_off]
-                else:
-                    cell.probs += part
-                cell.remaining -= 1
-                if cell.remaining == 0:
-                    del self._cells[(ri, ci)]
-                    assert cell.valid is not None
-                    finished.append(Block(r0, c0, cell.probs, np.ascontiguousarray(cell.valid)))
+        offset = 0
+        for cell in layout.partial:
+            size = cell.rows * cell.cols
+            part = probs[:, offset : offset + size].reshape(-1, cell.rows, cell.cols)
+            part_valid = valid[offset : offset + size].reshape(cell.rows, cell.cols)
+            offset += size
+            state = self._cells.get((cell.row, cell.col))
+            if state is None:
+                covering = self._row_segments[cell.row][2] * self._col_segments[cell.col][2]
+                state = _Cell(remaining=covering, probs=part.copy(), valid=part_valid)
+                self._cells[(cell.row, cell.col)] = state
+            else:
+                assert state.probs is not None
+                state.probs += part
+            state.remaining -= cell.tiles
+            if state.remaining == 0:
+                del self._cells[(cell.row, cell.col)]
+                assert state.probs is not None and state.valid is not None
+                finished.append(
+                    Block(
+                        cell.row_off, cell.col_off, state.probs, np.ascontiguousarray(state.valid)
+                    )
+                )
         return finished
+
+
+@contextmanager
+def one_torch_thread() -> Iterator[None]:
+    """Torch on one thread for the enclosed calls (the driver's share of the blending).
+
+    On a CPU machine the cores belong to the model actors: torch's default thread pool in the
+    driver cost them more than it saved (a 10k² scene 6-8% slower end to end).
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def blend_run(
+    grid: TileGrid,
+    layout: RunLayout,
+    tiles: list[Tile],
+    probs: torch.Tensor,
+    valid: torch.Tensor,
+    weights: Callable[[Tile], torch.Tensor],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Weighted sum of a run's tile probabilities over its footprint, on their device.
+
+    ``probs`` ``(tiles, classes, H, W)`` (any float type: summed in float32), ``valid``
+    ``(tiles, H, W)``, whole tiles (margins past the scene included; cropped here);
+    ``weights(tile)`` the scene-clipped :func:`tile_weights` on the same device. Returns the
+    sums ``(classes, rows, cols)`` and validity ``(rows, cols)`` of the footprint, tiles added
+    left to right (as the stitcher adds them, so a final pixel is the same float32 sum).
+    """
+    row_off, col_off, rows, cols = layout.footprint
+    summed = torch.zeros((probs.shape[1], rows, cols), dtype=torch.float32, device=probs.device)
+    summed_valid = torch.zeros((rows, cols), dtype=torch.bool, device=probs.device)
+    for i, tile in enumerate(tiles):
+        r0, c0, h, w = tile.clipped(grid.height, grid.width)
+        inside = np.s_[
+            r0 - tile.row_off : r0 - tile.row_off + h, c0 - tile.col_off : c0 - tile.col_off + w
+        ]
+        target = np.s_[r0 - row_off : r0 - row_off + h, c0 - col_off : c0 - col_off + w]
+        tile_valid = valid[i][inside]
+        # Nodata pixels take no part: their weight is 0.
+        weight = weights(tile) * tile_valid
+        summed[(slice(None), *target)] += probs[i][(slice(None), *inside)].float() * weight
+        summed_valid[target] = tile_valid
+    return summed, summed_valid
+
+
+def crop(
+    summed: torch.Tensor,
+    valid: torch.Tensor,
+    footprint: tuple[int, int, int, int],
+    window: tuple[int, int, int, int],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The part ``window`` of a run's sums and validity (both scene windows)."""
+    r, c = window[0] - footprint[0], window[1] - footprint[1]
+    rows = slice(r, r + window[2])
+    cols = slice(c, c + window[3])
+    return summed[:, rows, cols], valid[rows, cols]
+
+
+def partial_pieces(
+    summed: torch.Tensor, valid: torch.Tensor, layout: RunLayout
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A run's partial cells packed for :meth:`Stitcher.add_partial`: sums ``(classes,
+    pixels)`` and validity ``(pixels)``, one contiguous pair (one copy off a GPU)."""
+    classes = summed.shape[0]
+    if not layout.partial:
+        return summed.new_zeros((classes, 0)), valid.new_zeros((0,))
+    parts, valids = [], []
+    for cell in layout.partial:
+        window = (cell.row_off, cell.col_off, cell.rows, cell.cols)
+        part, part_valid = crop(summed, valid, layout.footprint, window)
+        parts.append(part.reshape(classes, -1))
+        valids.append(part_valid.reshape(-1))
+    return torch.cat(parts, dim=1), torch.cat(valids)
+
+
+@dataclass
+class _Cell:
+    remaining: int
+    probs: NDArray[np.float32] | None = None
+    valid: NDArray[np.bool_] | None = field(default=None)
+
+
+def classify(
+    probs: torch.Tensor, valid: torch.Tensor, nodata: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Class ids (``nodata`` where not valid) and confidence ``round(255 x max probability)``.
+
+    ``probs`` ``(classes, rows, cols)`` on any device. A running maximum over the class planes:
+    the first-maximum rule of ``argmax``, and the maximum for free. Ids are uint8 when ``nodata``
+    fits, else int32; confidence is uint8, 0 (its nodata) where not valid, at least 1 elsewhere.
+    """
+    best = probs[0].float().clone()
+    ids = torch.zeros(best.shape, dtype=torch.uint8 if nodata <= 255 else torch.int32,
+                      device=probs.device)  # fmt: skip
+    for class_id in range(1, probs.shape[0]):
+        ids.masked_fill_(probs[class_id] > best, class_id)
+        torch.maximum(best, probs[class_id], out=best)
+    invalid = ~valid
+    ids.masked_fill_(invalid, nodata)
+    confidence = best.mul_(255).round_().clamp_(1, 255).to(torch.uint8)
+    confidence.masked_fill_(invalid, 0)
+    return ids, confidence
 
 
 def classes_and_confidence(
     probs: NDArray[np.floating], valid: NDArray[np.bool_], nodata: int, dtype: str
 ) -> tuple[NDArray[np.integer], NDArray[np.uint8]]:
-    """Class ids (``nodata`` where not valid) and confidence ``round(255 x max probability)``.
-
-    A running maximum over the class planes: the same first-maximum rule as ``argmax(axis=0)``,
-    about twice as fast on a ``(classes, rows, cols)`` array, and it yields the maximum for free.
-    Confidence is 0 (its nodata) where not valid, at least 1 elsewhere.
-    """
-    best = probs[0].astype(np.float32)
-    ids = np.zeros(best.shape, dtype=dtype)
-    for class_id in range(1, probs.shape[0]):
-        np.copyto(ids, class_id, where=probs[class_id] > best, casting="unsafe")
-        np.maximum(best, probs[class_id], out=best)
-    ids[~valid] = nodata
-    confidence = np.clip(np.rint(best * 255), 1, 255).astype(np.uint8)
-    confidence[~valid] = 0
-    return ids, confidence
+    """:func:`classify` of numpy arrays (on the calling thread alone): ids as ``dtype``."""
+    with one_torch_thread():
+        ids, confidence = classify(tensor_view(probs), tensor_view(valid), nodata)
+    return ids.numpy().astype(dtype, copy=False), confidence.numpy()
