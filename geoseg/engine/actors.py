@@ -5,8 +5,9 @@ probabilities with the CRF.
 The tiles come from read tasks (:mod:`geoseg.engine.reads`); a batch's read task runs while the
 actor is busy with the previous batch: reading, inference and the driver's share (the frames
 between runs, writing) overlap. Blending and classifying where the model ran spares the driver's
-one thread most of that work: on a GPU it blended and classified every tile itself at 17-26 MP/s
-of model pixels while the GPU sat idle 66-81% of the time (``benchmarks/README.md``).
+one thread most of that work, which on a GPU held a scene to 17-26 MP/s of model pixels: on an
+H200 the driver's share of a 10k² scene fell from 2.3 to 1.4 s (the scene is then bound by the
+reads and the first batch's compile: ``benchmarks/README.md``, "On a GPU").
 """
 
 from __future__ import annotations
