@@ -1043,10 +1043,13 @@ def table_rows(results: dict[str, Any]) -> list[tuple[str, str, str]]:
         else:
             size = f"{run['width']:,} × {run['height']:,}"
         split = ", ".join(
+            # blend: the part of the actors' infer spent blending and classifying their batches
             f"{k.removesuffix('_s')} {t[k]:.1f}"
-            for k in ("infer_s", "crf_s", "read_s", "wait_s", "stitch_s", "cog_s", "polygons_s")
+            for k in (
+                "infer_s", "blend_s", "crf_s", "read_s", "wait_s", "stitch_s", "cog_s", "polygons_s"
+            )
             if t.get(k)
-        )
+        )  # fmt: skip
         extra = f", {run['polygons']:,} polygons" if run.get("polygons") is not None else ""
         rows += [
             (
