@@ -14,8 +14,6 @@ from geoseg.tiling.blend import (
     Stitcher,
     blend_run,
     classes_and_confidence,
-    crop,
-    partial_pieces,
     taper,
     tile_weights,
 )
@@ -168,7 +166,8 @@ def test_run_layout_of_four_tiles() -> None:
     # no tile right of the run (tile 4 is the last column).
     assert layout.final == (448, 448, 384, 2048 - 448)
     footprint_pixels = 512 * (2048 - 384)
-    assert layout.partial_pixels == footprint_pixels - 384 * (2048 - 448)
+    partial_pixels = sum(cell.rows * cell.cols for cell in layout.partial)
+    assert partial_pixels == footprint_pixels - 384 * (2048 - 448)
     assert {cell.tiles for cell in layout.partial} == {1, 2}
     with pytest.raises(ValueError, match="consecutive tiles of one tile row"):
         stitcher.layout([grid.tile(1, 1), grid.tile(1, 3)])
@@ -216,17 +215,18 @@ def test_runs_blended_apart_stitch_what_single_tiles_stitch(
             probs = torch.from_numpy(np.stack([field[(slice(None), *w)] for w in windows]))
             tile_valid = torch.from_numpy(np.stack([valid[w] for w in windows]))
             layout = stitcher.layout(tiles)
-            summed, summed_valid = blend_run(
+            blended = blend_run(
                 grid, layout, tiles, probs, tile_valid,
                 lambda t: torch.from_numpy(stitcher.weights_for(t)),
             )  # fmt: skip
             if layout.final is not None:
-                final, _ = crop(summed, summed_valid, layout.footprint, layout.final)
-                place(layout.final[0], layout.final[1], final.numpy())
+                assert blended.final is not None
+                place(layout.final[0], layout.final[1], blended.final[0].numpy())
                 fr, fc, fh, fw = layout.final
                 final_mask[fr : fr + fh, fc : fc + fw] = True
-            packed, packed_valid = partial_pieces(summed, summed_valid, layout)
-            for block in stitcher.add_partial(layout, packed.numpy(), packed_valid.numpy()):
+            packed, packed_valid = blended.partial.numpy(), blended.partial_valid.numpy()
+            assert packed.shape == (3, sum(c.rows * c.cols for c in layout.partial))
+            for block in stitcher.add_partial(layout, packed, packed_valid):
                 place(block.row_off, block.col_off, block.probs)
     assert not np.isnan(out).any(), "some part of the scene was never handed back"
     assert stitcher.pending_cells == 0

@@ -34,8 +34,6 @@ from geoseg.tiling.blend import (
     blend_run,
     classes_and_confidence,
     classify,
-    crop,
-    partial_pieces,
     tensor_view,
 )
 from geoseg.tiling.grid import Tile, TileGrid
@@ -93,8 +91,9 @@ class SegmentationWorker:
         self.card = self.predictor.card
         self.device = self.predictor.device
         self._nodata = mask_dtype(self.card.num_classes)[1]
-        self._stitchers: dict[TileGrid, Stitcher] = {}
-        self._device_weights: dict[tuple[object, ...], torch.Tensor] = {}
+        self._grids: dict[
+            TileGrid, tuple[Stitcher, dict[tuple[bool | int, ...], torch.Tensor]]
+        ] = {}
 
     def ready(self) -> dict[str, Any]:
         return {
@@ -138,32 +137,31 @@ class SegmentationWorker:
         if self.device.type == "cuda":  # the model's kernels are queued, not done: time them
             torch.cuda.current_stream(self.device).synchronize()
         blend_start = time.perf_counter()
-        stitcher = self._stitcher(grid)
+        stitcher, device_weights = self._grid_state(grid)
+
+        def weights(tile: Tile) -> torch.Tensor:
+            key = stitcher.weights_key(tile)
+            if key not in device_weights:
+                device_weights[key] = tensor_view(stitcher.weights_for(tile)).to(self.device)
+            return device_weights[key]
+
         device_valid = tensor_view(valid).to(self.device, non_blocking=True)
         layouts, pieces = [], []
         for first, last in _runs(tiles):
-            run = tiles[first:last]
-            layout = stitcher.layout(run)
-            summed, summed_valid = blend_run(
+            layout = stitcher.layout(tiles[first:last])
+            run = blend_run(
                 grid,
                 layout,
-                run,
+                tiles[first:last],
                 probs[first:last],
                 device_valid[first:last],
-                lambda tile: self._weights(stitcher, tile),
+                weights,
             )
-            partial, partial_valid = partial_pieces(summed, summed_valid, layout)
             final: list[torch.Tensor] = []
-            if layout.final is not None:
-                final_probs, final_valid = crop(
-                    summed, summed_valid, layout.footprint, layout.final
-                )
-                if classify_final:
-                    final = list(classify(final_probs, final_valid, self._nodata))
-                else:
-                    final = [final_probs, final_valid]
+            if run.final is not None:
+                final = list(classify(*run.final, self._nodata)) if classify_final else [*run.final]
             layouts.append(layout)
-            pieces.append([partial, partial_valid, *final])
+            pieces.append([run.partial, run.partial_valid, *final])
         # One transfer off a GPU for the whole batch.
         host = self.predictor.to_host([t for run_pieces in pieces for t in run_pieces])
         outputs = []
@@ -179,23 +177,16 @@ class SegmentationWorker:
         }
         return outputs, stats
 
-    def _stitcher(self, grid: TileGrid) -> Stitcher:
-        # Only its layout and weights are used here: one per grid (a scene), kept for the next.
-        stitcher = self._stitchers.get(grid)
-        if stitcher is None:
-            self._stitchers = {grid: Stitcher(grid, self.card.num_classes)}
-            stitcher = self._stitchers[grid]
-        return stitcher
-
-    def _weights(self, stitcher: Stitcher, tile: Tile) -> torch.Tensor:
-        key = (stitcher.grid, *stitcher.weights_key(tile))
-        weights = self._device_weights.get(key)
-        if weights is None:
-            if len(self._device_weights) > 64:  # another scene's
-                self._device_weights.clear()
-            weights = tensor_view(stitcher.weights_for(tile)).to(self.device)
-            self._device_weights[key] = weights
-        return weights
+    def _grid_state(
+        self, grid: TileGrid
+    ) -> tuple[Stitcher, dict[tuple[bool | int, ...], torch.Tensor]]:
+        """The scene's stitcher (only its layouts and weights are used here) and its weights on
+        this device, kept for the scene's next batch; another scene's are dropped."""
+        state = self._grids.get(grid)
+        if state is None:
+            state = (Stitcher(grid, self.card.num_classes), {})
+            self._grids = {grid: state}
+        return state
 
     @torch.inference_mode()
     def refine(

@@ -144,10 +144,6 @@ class RunLayout:
     final: tuple[int, int, int, int] | None
     partial: tuple[Cell, ...]
 
-    @property
-    def partial_pixels(self) -> int:
-        return sum(cell.rows * cell.cols for cell in self.partial)
-
 
 class Stitcher:
     """Accumulates tile probabilities and hands back each part of the scene once it is final.
@@ -246,7 +242,7 @@ class Stitcher:
         """
         layout = self.layout([tile])
         with one_torch_thread():
-            blended, blended_valid = blend_run(
+            run = blend_run(
                 self.grid,
                 layout,
                 [tile],
@@ -254,22 +250,19 @@ class Stitcher:
                 tensor_view(np.asarray(valid))[None],
                 lambda t: tensor_view(self.weights_for(t)),
             )
-            partial = partial_pieces(blended, blended_valid, layout)
-            finished = []
-            if layout.final is not None:
-                final, final_valid = crop(blended, blended_valid, layout.footprint, layout.final)
-                finished.append(
-                    Block(layout.final[0], layout.final[1], final.numpy(), final_valid.numpy())
-                )
-        return finished + self.add_partial(layout, partial[0].numpy(), partial[1].numpy())
+        finished = []
+        if run.final is not None:
+            assert layout.final is not None
+            final, final_valid = run.final
+            finished.append(Block(*layout.final[:2], final.numpy(), final_valid.numpy()))
+        return finished + self.add_partial(layout, run.partial.numpy(), run.partial_valid.numpy())
 
     def add_partial(
         self, layout: RunLayout, probs: NDArray[np.float32], valid: NDArray[np.bool_]
     ) -> list[Block]:
         """Add a run's partial cells: their weighted sums ``probs`` (classes, pixels) and validity
         ``valid`` (pixels), each cell's pixels row-major, one cell after the other in
-        ``layout.partial``'s order (what :func:`partial_pieces` makes). Returns the blocks that
-        became final."""
+        ``layout.partial``'s order (:class:`BlendedRun`). Returns the blocks that became final."""
         finished = []
         offset = 0
         for cell in layout.partial:
@@ -312,6 +305,19 @@ def one_torch_thread() -> Iterator[None]:
         torch.set_num_threads(threads)
 
 
+@dataclass(frozen=True)
+class BlendedRun:
+    """A run blended (:func:`blend_run`), on its device: the final rectangle's sums and validity
+    (None when the run finishes nothing alone) and the partial cells packed for
+    :meth:`Stitcher.add_partial`: sums ``(classes, pixels)`` and validity ``(pixels)``, each
+    cell's pixels row-major, one cell after the other in ``layout.partial``'s order (one
+    contiguous pair: one copy off a GPU)."""
+
+    final: tuple[torch.Tensor, torch.Tensor] | None
+    partial: torch.Tensor
+    partial_valid: torch.Tensor
+
+
 def blend_run(
     grid: TileGrid,
     layout: RunLayout,
@@ -319,14 +325,14 @@ def blend_run(
     probs: torch.Tensor,
     valid: torch.Tensor,
     weights: Callable[[Tile], torch.Tensor],
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Weighted sum of a run's tile probabilities over its footprint, on their device.
+) -> BlendedRun:
+    """Weighted sum of a run's tile probabilities over its footprint, on their device, cut as
+    ``layout`` says.
 
     ``probs`` ``(tiles, classes, H, W)`` (any float type: summed in float32), ``valid``
     ``(tiles, H, W)``, whole tiles (margins past the scene included; cropped here);
-    ``weights(tile)`` the scene-clipped :func:`tile_weights` on the same device. Returns the
-    sums ``(classes, rows, cols)`` and validity ``(rows, cols)`` of the footprint, tiles added
-    left to right (as the stitcher adds them, so a final pixel is the same float32 sum).
+    ``weights(tile)`` the scene-clipped :func:`tile_weights` on the same device. Tiles are added
+    left to right, as the stitcher adds them, so a final pixel is the same float32 sum.
     """
     row_off, col_off, rows, cols = layout.footprint
     summed = torch.zeros((probs.shape[1], rows, cols), dtype=torch.float32, device=probs.device)
@@ -342,10 +348,20 @@ def blend_run(
         weight = weights(tile) * tile_valid
         summed[(slice(None), *target)] += probs[i][(slice(None), *inside)].float() * weight
         summed_valid[target] = tile_valid
-    return summed, summed_valid
+    final = None
+    if layout.final is not None:
+        final = _crop(summed, summed_valid, layout.footprint, layout.final)
+    classes = summed.shape[0]
+    parts, valids = [summed.new_zeros((classes, 0))], [summed_valid.new_zeros((0,))]
+    for cell in layout.partial:
+        window = (cell.row_off, cell.col_off, cell.rows, cell.cols)
+        part, part_valid = _crop(summed, summed_valid, layout.footprint, window)
+        parts.append(part.reshape(classes, -1))
+        valids.append(part_valid.reshape(-1))
+    return BlendedRun(final, torch.cat(parts, dim=1), torch.cat(valids))
 
 
-def crop(
+def _crop(
     summed: torch.Tensor,
     valid: torch.Tensor,
     footprint: tuple[int, int, int, int],
@@ -356,23 +372,6 @@ def crop(
     rows = slice(r, r + window[2])
     cols = slice(c, c + window[3])
     return summed[:, rows, cols], valid[rows, cols]
-
-
-def partial_pieces(
-    summed: torch.Tensor, valid: torch.Tensor, layout: RunLayout
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """A run's partial cells packed for :meth:`Stitcher.add_partial`: sums ``(classes,
-    pixels)`` and validity ``(pixels)``, one contiguous pair (one copy off a GPU)."""
-    classes = summed.shape[0]
-    if not layout.partial:
-        return summed.new_zeros((classes, 0)), valid.new_zeros((0,))
-    parts, valids = [], []
-    for cell in layout.partial:
-        window = (cell.row_off, cell.col_off, cell.rows, cell.cols)
-        part, part_valid = crop(summed, valid, layout.footprint, window)
-        parts.append(part.reshape(classes, -1))
-        valids.append(part_valid.reshape(-1))
-    return torch.cat(parts, dim=1), torch.cat(valids)
 
 
 @dataclass
