@@ -112,8 +112,13 @@ def segment(
     out_root: Path,
     options: SegmentOptions,
     address: str | None = None,
+    process_exits: bool = False,
 ) -> list[SceneResult]:
-    """Segment every input; each failure is recorded and the others go on."""
+    """Segment every input; each failure is recorded and the others go on.
+
+    ``process_exits``: the caller exits when this returns (the ``geoseg`` command), so Ray and
+    the actors may stop as soon as the last tile is in (:meth:`WorkerPool.release`).
+    """
     started = datetime.now(UTC)
     card = read_card(model_dir)
     weights_sha256 = file_sha256(model_dir / WEIGHTS_FILE)
@@ -162,6 +167,7 @@ def segment(
                     else:
                         pending = infer_scene(uri, card, pool, out_root, options, name=name)
                     record(overlap.submit(partial(_finish_and_log, pending)))
+                pool.release(process_exits)
             finally:
                 record(overlap.drain())
     finally:

@@ -373,9 +373,12 @@ def run_job(
     progress: bool = True,
     address: str | None = None,
     on_scene: Callable[[SceneResult], None] | None = None,
+    process_exits: bool = False,
 ) -> RunSummary:
     """Run ``config`` (see the module docstring). Raises LockedError if another run holds the
-    output root; every other failure is per scene and recorded."""
+    output root; every other failure is per scene and recorded. ``process_exits``: the caller
+    exits when this returns, so Ray may stop once the last tile is in (:meth:`WorkerPool.release`).
+    """
     store = open_store(config.outputs.root, config.storage)
     lock = RunLock(store, config.runtime.lock_ttl_s)
     lock.acquire()
@@ -388,7 +391,15 @@ def run_job(
             local_root = Path(config.outputs.root)
             _clean_partials(local_root)
         job = _Run(config, store, local_root)
-        return _run(job, lock, overwrite, progress, address or config.runtime.address, on_scene)
+        return _run(
+            job,
+            lock,
+            overwrite,
+            progress,
+            address or config.runtime.address,
+            on_scene,
+            process_exits,
+        )
     finally:
         lock.release()
         if staging is not None:
@@ -402,6 +413,7 @@ def _run(
     progress: bool,
     address: str | None,
     on_scene: Callable[[SceneResult], None] | None,
+    process_exits: bool,
 ) -> RunSummary:
     config = job.config
     options = segment_options(config, overwrite, progress)
@@ -454,6 +466,8 @@ def _run(
                         collect(overlap.drain())  # stop before the next scene: no overlap
                     if stop:
                         break
+                if pool is not None:
+                    pool.release(process_exits)
             finally:
                 collect(overlap.drain())
         if stop:

@@ -31,7 +31,7 @@ from tqdm import tqdm
 from geoseg.crf import CRFParams
 from geoseg.engine.actors import SegmentationWorker
 from geoseg.engine.reads import read_batch
-from geoseg.engine.runtime import cluster_cpus, cluster_gpus, embedded
+from geoseg.engine.runtime import cluster_cpus, cluster_gpus, embedded, stop_ray
 from geoseg.errors import ConfigError
 from geoseg.io.cog import ClassRasterWriter, mask_dtype
 from geoseg.io.outputs import SceneOutput, scene_output_name
@@ -214,8 +214,19 @@ class WorkerPool:
         self._load[index] -= 1
 
     def shutdown(self) -> None:
+        """Kill the actors (again: nothing)."""
         for actor in self.actors:
             ray.kill(actor)
+        self.actors = []
+
+    def release(self, process_exits: bool) -> None:
+        """Called once the job's last tile is in. When the process exits after the job (the
+        ``geoseg`` command), the actors and Ray stop now, while the last scene's COGs and polygons
+        are written: they need neither, and Ray's teardown (~1 s: its gRPC threads, its processes)
+        otherwise followed them. A library caller keeps both for its next job."""
+        if process_exits:
+            self.shutdown()
+            stop_ray()
 
 
 def resolve_crf(card: ModelCard, options: SegmentOptions) -> CRFParams | None:
