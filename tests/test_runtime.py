@@ -203,3 +203,26 @@ def test_a_run_whose_process_exits_stops_ray_before_its_last_scene_finishes(
         with rasterio.open(root / name / "mask.tif") as src:
             assert src.shape == (200, 300)
             assert src.read(1).max() < 4
+
+
+def test_the_segment_command_keeps_the_collector_on_and_a_caller_s_ray_up(
+    fixtures: dict[str, Path], rgb_model: Path, tmp_path: Path, ray_local: None
+) -> None:
+    """In-process (not the console entry point): Ray stays up for the caller, and the collector,
+    off while the engine is imported, is on again, the imported objects frozen out of its reach."""
+    import gc
+
+    import ray
+    from click.testing import CliRunner
+
+    from geoseg.cli import main
+
+    frozen = gc.get_freeze_count()
+    out = tmp_path / "out"
+    args = ["-q", "segment", str(fixtures["good"]), "--model", str(rgb_model), "--out", str(out)]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    assert gc.isenabled()
+    assert gc.get_freeze_count() > frozen
+    assert ray.is_initialized()
+    assert json.loads((out / "run.json").read_text())["summary"] == {"ok": 1, "failed": 0}
