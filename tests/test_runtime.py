@@ -14,14 +14,10 @@ import numpy as np
 import rasterio
 import yaml
 
-# In its own interpreter: the session's Ray (conftest's ray_local) must not be the one stopped.
-CHILD = textwrap.dedent(
+# Child interpreters start with this: whether a process (of the stopped Ray) still exists.
+ALIVE = textwrap.dedent(
     """
-    import json, os
-
-    import ray
-
-    from geoseg.engine import runtime
+    import os
 
     def alive(pid):
         try:
@@ -29,6 +25,17 @@ CHILD = textwrap.dedent(
         except ProcessLookupError:
             return False
         return True
+    """
+)
+
+# In its own interpreter: the session's Ray (conftest's ray_local) must not be the one stopped.
+CHILD = ALIVE + textwrap.dedent(
+    """
+    import json, os
+
+    import ray
+
+    from geoseg.engine import runtime
 
     runtime.start_ray(None, num_cpus=1)
     node = ray._private.worker._global_node
@@ -65,13 +72,12 @@ def test_stop_ray_stops_every_process_of_the_embedded_ray_the_monitor_included()
 # in, before the last scene's COGs and polygons are written (they need no Ray), and the outputs
 # must not change. The last scene's finishing waits for that stop (or fails after 120 s), so the
 # order is checked, not raced. In a child interpreter: the session's Ray must stay up.
-RELEASE_CHILD = textwrap.dedent(
+RELEASE_CHILD = ALIVE + textwrap.dedent(
     """
     import json, sys, threading
     from pathlib import Path
 
     import ray
-    import rasterio
 
     from geoseg.engine import job, runner, scene
     from geoseg.config import load_config
@@ -96,7 +102,7 @@ RELEASE_CHILD = textwrap.dedent(
 
     scene.stop_ray, scene.PendingScene.finish = stop, finish
     if mode == "segment":
-        options = scene.SegmentOptions(batch_size=2, progress=False, simplify=None)
+        options = scene.SegmentOptions(batch_size=2, progress=False)
         results = job.segment(inputs, Path(model), Path(out), options, process_exits=True)
         statuses = [r.status for r in results]
         polygons = [r.polygons for r in results]
@@ -104,14 +110,6 @@ RELEASE_CHILD = textwrap.dedent(
         summary = runner.run_job(load_config(Path(out)), progress=False, process_exits=True)
         statuses = ["ok"] * len(summary.new) + ["failed"] * len(summary.failed)
         polygons = [r.polygons for r in summary.new]
-
-    def alive(pid):
-        import os
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return False
-        return True
 
     print(json.dumps({
         "stopped": stopped.is_set(),
