@@ -167,7 +167,8 @@ def segment(
                     else:
                         pending = infer_scene(uri, card, pool, out_root, options, name=name)
                     record(overlap.submit(partial(_finish_and_log, pending)))
-                pool.release(process_exits)
+                if process_exits:
+                    pool.release()
             finally:
                 record(overlap.drain())
     finally:

@@ -466,8 +466,8 @@ def _run(
                         collect(overlap.drain())  # stop before the next scene: no overlap
                     if stop:
                         break
-                if pool is not None:
-                    pool.release(process_exits)
+                if pool is not None and process_exits:
+                    pool.release()
             finally:
                 collect(overlap.drain())
         if stop:

@@ -219,14 +219,13 @@ class WorkerPool:
             ray.kill(actor)
         self.actors = []
 
-    def release(self, process_exits: bool) -> None:
-        """Called once the job's last tile is in. When the process exits after the job (the
-        ``geoseg`` command), the actors and Ray stop now, while the last scene's COGs and polygons
-        are written: they need neither, and Ray's teardown (~1 s: its gRPC threads, its processes)
-        otherwise followed them. A library caller keeps both for its next job."""
-        if process_exits:
-            self.shutdown()
-            stop_ray()
+    def release(self) -> None:
+        """Stop the actors and Ray once a job's last tile is in, when the process exits after the
+        job (the ``geoseg`` command): the last scene's COGs and polygons need neither, and Ray's
+        teardown (~1 s: its gRPC threads, its processes) then runs beside them instead of after.
+        A library caller keeps both for its next job."""
+        self.shutdown()
+        stop_ray()
 
 
 def resolve_crf(card: ModelCard, options: SegmentOptions) -> CRFParams | None:
