@@ -8,12 +8,11 @@ Speed options, each kept only where the class map stays within 0.1% of fp32 (the
 
 * ``precision``: ``bf16`` or ``fp16`` autocast (fp16 on CUDA only: CPUs without AMX-FP16 run it
   slower than fp32). Probabilities are always computed in float32 from the logits.
-* ``compile``: inductor's kernels. On the CPU the graph is compiled ahead of time into a package
+* ``compile``: inductor's kernels. On the CPU the graph is compiled ahead of time into a library
   cached on disk (:mod:`geoseg.engine.aot`: a process loads it in milliseconds, where
-  ``torch.compile`` spent ~4 s per process on dynamo and its cache); on CUDA, and where several
-  threads call at once (``concurrency``: an AOTInductor run holds the GIL), ``torch.compile``.
-  Shapes are kept static: a short last batch is padded to the batch size, so one scene compiles
-  once.
+  ``torch.compile`` spent ~4 s per process on dynamo and its cache), run without the GIL by as
+  many threads as ``concurrency`` says; on CUDA, ``torch.compile``. Shapes are kept static: a
+  short last batch is padded to the batch size, so one scene compiles once.
 * channels_last memory format on the CPU and under autocast on CUDA (where it pays off).
 
 Probabilities leave the step as float16, on the device (:meth:`Predictor.device_probabilities`):
@@ -89,7 +88,7 @@ class Predictor:
         # forward) and the actors' whole step, normalisation and softmax fused with the model.
         self._forward: Any = self._forward_eager
         self._step: Any = self._step_eager
-        if compile and self.device.type == "cpu" and concurrency == 1:
+        if compile and self.device.type == "cpu":
             identity = {
                 "weights": self.weights_sha256,
                 "card": self.card.model_dump(
@@ -99,9 +98,9 @@ class Predictor:
                 "channels_last": self.channels_last,
             }
             forward, step = {**identity, "graph": "forward"}, {**identity, "graph": "step"}
-            self._forward = AheadOfTime(self._forward_eager, model, forward)
-            self._step = AheadOfTime(self._step_eager, model, step)
-        elif compile:  # CUDA, or several threads at once (an AOTInductor run holds the GIL)
+            self._forward = AheadOfTime(self._forward_eager, model, forward, concurrency)
+            self._step = AheadOfTime(self._step_eager, model, step, concurrency)
+        elif compile:  # CUDA
             self._forward = torch.compile(self._forward_eager, dynamic=False)
             self._step = torch.compile(self._step_eager, dynamic=False)
         # Per calling thread: .host, its page-locked buffer (CUDA); .configured (_configure_thread)
