@@ -129,7 +129,7 @@ class Outputs(_Strict):
 class Runtime(_Strict):
     address: str | None = None  # Ray address; None: embedded local Ray (or RAY_ADDRESS in a job)
     workers: int | None = Field(None, gt=0)  # model actors; None: one per GPU, else one
-    streams: int | None = Field(None, gt=0)  # forward passes per actor at once; None: 1
+    streams: int | None = Field(None, gt=0)  # passes per actor at once; None: 2 on >= 2 CPU cores
     gpus_per_worker: float = Field(1.0, gt=0, le=8)
     tiles_in_flight: int | None = Field(None, gt=0)
     device: Literal["auto", "cpu", "cuda"] = "auto"

@@ -1,10 +1,20 @@
-"""How many GPUs the model actors ask Ray for (a request no node can meet waits forever)."""
+"""How many GPUs and CPUs the model actors and read tasks ask Ray for (a request no node can
+meet waits forever)."""
 
 from __future__ import annotations
 
-import pytest
+import json
+import threading
+from pathlib import Path
 
-from geoseg.engine.scene import gpu_share
+import pytest
+import rasterio
+from conftest import AERIAL
+
+from geoseg.engine.job import segment
+from geoseg.engine.scene import SceneResult, SegmentOptions, cpu_shares, gpu_share
+
+SCENE = AERIAL / "23322E759967N_clipped_1m_1of2.tif"  # 341 x 280 RGB
 
 
 @pytest.mark.parametrize(
@@ -26,3 +36,53 @@ def test_actors_ask_for_what_the_gpus_hold(
     share = gpu_share(gpus, workers, per_worker)
     assert share == pytest.approx(expected)
     assert workers * share <= gpus
+
+
+@pytest.mark.parametrize(
+    ("cpus", "actors", "use_gpu", "expected"),
+    [
+        (2.0, 1, False, (0.5, 0.75)),  # the 2-core machine: two reads at a time beside the actor
+        (2.0, 2, False, (0.5, 0.5)),
+        (2.0, 4, False, (0.25, 0.5)),  # more actors than cores: still room to read
+        (16.0, 1, True, (0.25, 1.0)),  # a GPU node: reads of one CPU each
+        (64.0, 8, False, (0.5, 1.0)),  # a big cluster: no read asks for more than one CPU
+        (0.0, 1, False, (0.05, 0.05)),  # no CPU yet (an autoscaler's head): both wait for one
+    ],
+)
+def test_actors_leave_cpus_to_read_with(
+    cpus: float, actors: int, use_gpu: bool, expected: tuple[float, float]
+) -> None:
+    actor, read = cpu_shares(cpus, actors, use_gpu)
+    assert (actor, read) == pytest.approx(expected)
+    if cpus:
+        assert actors * actor + read <= cpus  # a read can always start beside every actor
+
+
+def test_more_actors_than_cores_segment_a_scene(
+    ray_local: None, trained_aerial_model: Path, tmp_path: Path
+) -> None:
+    """4 actors on the session's 2 CPUs: with half a CPU each they held all of them, and Ray
+    waited forever for a CPU to read the first tile with."""
+    masks = {}
+    for workers in (1, 4):
+        options = SegmentOptions(progress=False, polygons=False, workers=workers, batch_size=1)
+        out = tmp_path / str(workers)
+        finished: list[list[SceneResult]] = []
+        runner = threading.Thread(
+            target=lambda out, options, finished: finished.append(
+                segment([str(SCENE)], trained_aerial_model, out, options)
+            ),
+            args=(out, options, finished),
+            daemon=True,
+        )
+        runner.start()
+        runner.join(timeout=300)
+        assert finished, f"{workers} actors: no result after 300 s (Ray waiting for CPUs?)"
+        assert [r.status for r in finished[0]] == ["ok"], [r.error for r in finished[0]]
+        run = json.loads((out / "run.json").read_text())
+        assert len(run["workers"]) == workers
+        with rasterio.open(out / SCENE.stem / "mask.tif") as src:
+            masks[workers] = src.read(1)
+    assert masks[1].shape == (341, 280)
+    # Other thread counts may round the last bits of a float32 sum differently.
+    assert (masks[4] == masks[1]).mean() >= 0.9999

@@ -18,7 +18,8 @@ from geoseg.io.rasters import SceneInfo, read_windows
 from geoseg.tiling.grid import Tile
 
 
-@ray.remote(num_cpus=0.1, max_retries=3)
+# Its CPU share is set per pool at the call (geoseg.engine.scene.cpu_shares).
+@ray.remote(max_retries=3)
 def read_batch(
     scene: SceneInfo, tiles: list[Tile]
 ) -> tuple[NDArray[np.generic], NDArray[np.bool_], float]:

@@ -61,7 +61,7 @@ class SegmentOptions:
     overlap: int | None = None
     batch_size: int = 4
     workers: int | None = None  # None: one per GPU, else one
-    streams: int | None = None  # forward passes each actor runs at once; None: 1
+    streams: int | None = None  # passes per actor at once; None: 2 on >= 2 CPU cores, else 1
     gpus_per_worker: float = 1.0
     device: str = "auto"
     precision: str = "fp32"
@@ -144,6 +144,29 @@ def gpu_share(gpus: float, workers: int, gpus_per_worker: float) -> float:
     return share if share <= 1 else float(math.floor(share))
 
 
+MIN_CPU_SHARE = 0.05
+
+
+def cpu_shares(cpus: float, actors: int, use_gpu: bool) -> tuple[float, float]:
+    """Ray CPUs each model actor and each read task asks for, on a cluster of ``cpus``.
+
+    Actors: ``min(0.5 (0.25 on GPUs), cpus / (2 actors))``. Fractional, because actors holding
+    whole CPUs would leave none to the read tasks and Ray would wait forever; at most half the
+    cluster, so that even many actors on few cores leave room to read. Torch threads, not Ray's
+    accounting, share the cores between the actors.
+
+    Reads: ``min(1, (cpus - actors' share) / 2)``: two at a time on a small machine (2 cores, one
+    actor: 0.75 each). A read takes ~0.03 s a batch against the model's ~0.5 s, so two keep any
+    number of streams fed, where a tenth of a CPU each let Ray start a worker process (~170 MiB)
+    for every batch in flight at a scene's start (5 with 2 streams). One CPU at most: a task
+    asking for more than a node has would never start. Neither below 0.05: on a cluster that
+    has no CPU yet (an autoscaler's head), both wait for one.
+    """
+    actor = max(MIN_CPU_SHARE, min(0.25 if use_gpu else 0.5, cpus / (2 * actors)))
+    read = max(MIN_CPU_SHARE, min(1.0, (cpus - actors * actor) / 2))
+    return actor, read
+
+
 class WorkerPool:
     """Model actors, on GPUs when the cluster has any; restarted, tiles retried, on failure."""
 
@@ -169,18 +192,16 @@ class WorkerPool:
                 )  # fmt: skip
         cpus = cluster_cpus()
         cores_per_actor = max(1, int(cpus // count))
-        # Forward passes at a time, each on cores / streams threads. Two 1-thread passes should
-        # lose less than one 2-thread pass to the reading, blending and writing beside them
-        # (every thread of a pass waits at each layer for the one that lost its core), but end
-        # to end on 2 cores the default U-Net gained nothing (0.98-1.01 in the last two
-        # benchmark runs), a small compiled model ran 25% slower, and several streams cannot use
-        # the ahead-of-time package (engine.aot): an option (benchmarks/README.md), 1 by default.
-        self.streams = options.streams or 1
-        # Fractional CPUs: actors holding whole CPUs would starve the read tasks (Ray then waits
-        # forever). Torch threads share the machine's cores between the actors instead.
+        # Forward passes at a time, each on cores / streams threads. On CPU cores, two passes of
+        # half the threads lose less to the reading, blending and writing beside them than one
+        # (every thread of a pass waits at each layer for the one that lost its core): on 2
+        # cores a 10k² scene took 72-74 s instead of 78-80 (default U-Net, bf16 compiled), and
+        # the small U-Net 12-17% less time compiled, 13-15% eager fp32. A GPU runs one.
+        self.streams = options.streams or (2 if not use_gpu and cores_per_actor >= 2 else 1)
         threads = 0 if use_gpu else max(1, cores_per_actor // self.streams)
+        actor_cpus, self.read_cpus = cpu_shares(cpus, count, use_gpu)
         actor_cls = ray.remote(SegmentationWorker).options(
-            num_cpus=0.5 if not use_gpu else 0.25,
+            num_cpus=actor_cpus,
             num_gpus=gpus_each,
             max_concurrency=self.streams,
             max_restarts=3,
@@ -319,9 +340,8 @@ def _stitch_and_write(
         while next_batch < len(batches) or pending:
             while next_batch < len(batches) and len(pending) < in_flight_max:
                 tiles = batches[next_batch]
-                ref, actor = pool.call(
-                    "predict", grid, tiles, read_batch.remote(scene, tiles), bands is None
-                )
+                read = read_batch.options(num_cpus=pool.read_cpus).remote(scene, tiles)
+                ref, actor = pool.call("predict", grid, tiles, read, bands is None)
                 pending[ref] = (tiles, actor)
                 next_batch += 1
             t0 = time.perf_counter()
