@@ -9,20 +9,22 @@ In one run, with the same models, tiles and thread count throughout, it measures
 1. the raw forward throughput of each benchmark model (U-Nets trained briefly on the generated
    scene's own classes, so that their decisions are as stable as a real model's) in every form
    the pipeline offers (fp32, bf16 autocast, each eager and compiled (``--compile``: on the CPU
-   an AOTInductor package, ``geoseg.engine.aot``); compiled also as 2 streams of half the
+   an AOTInductor package, ``geoseg.engine.aot``); on the CPU each also as 2 streams of half the
    threads, ``--streams 2``), with each form's class-map
    agreement with eager fp32. The *limit* is the fastest form within 0.1% of fp32; the actor's
    whole step is timed in that form too;
-2. ``geoseg segment`` end to end in the limit form's precision and compilation, one stream (the
-   default layout), on a generated 10k x 10k 4-band scene, as a
+2. ``geoseg segment`` end to end in the limit form's precision and compilation, in the default
+   layout (one actor; on the CPU 2 streams of half the cores), on a generated 10k x 10k 4-band
+   scene, as a
    subprocess (honest wall clock): without CRF and polygons, with the CRF, with the CRF and
    simplified polygons; throughput in model pixels (tiles x tile area) and scene pixels, the
    ratio to (1), and the time split from ``run.json``; the same on the real NAIP scenes of
    ../shared/data (both in one run) and on a 10k-scale VRT mosaic of one of them;
 3. the peak memory of the whole process tree for the 10k scene and a 40k x 40k one (a VRT mosaic
    of the first), with the small model;
-4. one actor running one stream of all threads (the default), one actor with 2 streams and 2
-   actors, and the share of the time the model streams sit idle waiting for tiles;
+4. one actor running 2 streams of half the threads (the CPU's default), one actor with one
+   stream of all threads and 2 actors, and the share of the time the model streams sit idle
+   waiting for tiles;
 5. side by side on the 10k scene with the small model: geoseg, a plain rasterio + torch
    sliding-window loop (``benchmarks.plain_loop``) and NRCan's geo-inference 3.2.4 (its own
    venv, ``benchmarks/make_geoinference_env.sh``; the same weights exported to TorchScript):
@@ -414,9 +416,11 @@ def device_name(device: str) -> str:
 FORMS = {
     "cpu": [
         Form("fp32", False),
+        Form("fp32", False, 2),
         Form("fp32", True),
         Form("fp32", True, 2),
         Form("bf16", False),
+        Form("bf16", False, 2),
         Form("bf16", True),
         Form("bf16", True, 2),
     ],
@@ -424,10 +428,12 @@ FORMS = {
     "cuda": [Form(p, c) for p in ("fp32", "bf16", "fp16") for c in (False, True)],
 }
 AGREEMENT_GOAL = 0.999  # a form counts when its class map is within 0.1% of fp32's
+# geoseg's default on a CPU actor of 2 or more cores (geoseg.engine.scene.WorkerPool).
+CPU_STREAMS = 2 if (os.cpu_count() or 1) >= 2 else 1
 # The small model's form in the memory runs (3) and side by side (5): its limit flips between
 # eager and compiled bf16 with the noise (within 6% of each other), and eager autocast holds
 # ~350 MiB more in the actor, which would move the memory figure between runs.
-SMALL_FORM = Form("bf16", True)
+SMALL_FORM = Form("bf16", True, CPU_STREAMS)
 
 
 def bench_forward(model_dir: Path, scene_path: Path, cfg: Config) -> dict[str, Any]:
@@ -1013,7 +1019,7 @@ def table_rows(results: dict[str, Any]) -> list[tuple[str, str, str]]:
         "e2e": "no CRF, no polygons",
         "e2e-crf": "with CRF",
         "e2e-all": "with CRF and polygons (simplified 1 px, GeoPackage)",
-        "e2e-streams": "one actor running 2 streams of 1 thread, no CRF, no polygons",
+        "e2e-1stream": "one actor running one stream of all threads, no CRF, no polygons",
         "e2e-2actors": (
             "2 model actors sharing the GPU" if cuda else "2 model actors (1 thread each)"
         )
@@ -1088,18 +1094,18 @@ def table_rows(results: dict[str, Any]) -> list[tuple[str, str, str]]:
                 SAME,
             )
         )
-    layouts = {k: e2e_runs[k] for k in ("e2e", "e2e-streams", "e2e-2actors") if k in e2e_runs}
+    layouts = {k: e2e_runs[k] for k in ("e2e", "e2e-1stream", "e2e-2actors") if k in e2e_runs}
     if len(layouts) > 1 and "e2e" in layouts and all(run.get("ok") for run in layouts.values()):
         one = layouts["e2e"]
         described = {
-            "e2e": "1 actor × 1 stream (the default)",
-            "e2e-streams": "1 actor × 2 streams",
+            "e2e": "1 actor × 2 streams (the default)",
+            "e2e-1stream": "1 actor × 1 stream",
             "e2e-2actors": "2 actors × 1 stream",
         }
         rows.append(
             (
-                "Scaling on this machine: end-to-end throughput of each layout / 1 actor × 1 "
-                "stream of all threads",
+                "Scaling on this machine: end-to-end throughput of each layout / the default, "
+                "1 actor × 2 streams of half the threads",
                 "; ".join(
                     f"{described[k]} {run['model_mp_per_s'] / one['model_mp_per_s']:.2f}"
                     for k, run in layouts.items()
@@ -1204,10 +1210,9 @@ def warm_compile_cache(
 
     ``runs``: (model, form, actors) of each ``geoseg segment`` run to come. Each actor's torch
     threads (cores / actors / streams, as :class:`geoseg.engine.scene.WorkerPool` gives them) are
-    part of the compiled code's key, so each layout needs its own: an AOTInductor package for one
-    stream (:mod:`geoseg.engine.aot`), inductor's on-disk cache for several (``torch.compile``).
-    A user pays this once per model, precision, thread count and tile shape; the seconds are
-    reported.
+    part of the compiled code's key, so each layout needs its own AOTInductor package
+    (:mod:`geoseg.engine.aot`). A user pays this once per model, precision, thread count and tile
+    shape; the seconds are reported.
     """
     out: list[dict[str, Any]] = []
     seen: set[tuple[Path, Form, int]] = set()
@@ -1294,20 +1299,21 @@ def run_all(cfg: Config) -> dict[str, Any]:
         save(results, cfg.out)
 
     # 2 and 4. End to end with the limit form's precision and compilation in the default layout
-    # (one actor, one stream: which stream layout is faster raw flips with the noise, and only
-    # one stream runs an AOTInductor package): plain, with CRF, with everything; two streams;
-    # two actors of one thread each; real scenes (NAIP as they are, mosaicked to the generated
-    # scene's size, and a bucket of mosaics with polygons).
+    # (one actor; on the CPU two streams, whichever stream layout is faster raw): plain, with
+    # CRF, with everything; one stream of all threads; two actors of one thread each; real
+    # scenes (NAIP as they are, mosaicked to the generated scene's size, and a bucket of
+    # mosaics with polygons).
     e2e_dir = models[cfg.e2e_model.name][1]
-    e2e_form = one_stream = replace(limits[cfg.e2e_model.name], streams=1)
-    other_layout = replace(e2e_form, streams=2)
+    default_streams = CPU_STREAMS if cfg.device == "cpu" else 1
+    e2e_form = replace(limits[cfg.e2e_model.name], streams=default_streams)
+    one_stream = replace(e2e_form, streams=1)
     naip = real_scenes(cfg.out)
     naip_bands = ("--bands", ",".join(BANDS))
     e2e_runs = [
         ("e2e", scene, e2e_form, (), False),
         ("e2e-crf", scene, e2e_form, ("--crf",), False),
         ("e2e-all", scene, e2e_form, ("--crf", "--simplify", "1px"), True),
-        ("e2e-streams", scene, other_layout, (), False),
+        ("e2e-1stream", scene, one_stream, (), False),
         ("e2e-2actors", scene, one_stream, ("--workers", "2"), False),
         ("e2e-naip", naip["scenes"], e2e_form, naip_bands, False),
         ("e2e-naip-mosaic", naip["mosaic"], e2e_form, naip_bands, False),
