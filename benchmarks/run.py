@@ -1391,7 +1391,7 @@ def run_all(cfg: Config) -> dict[str, Any]:
         scene,
         small_dir,
         cfg,
-        form=Form("fp32", False),
+        form=Form("fp32", False, CPU_STREAMS),
         polygons=False,
         confidence=False,
     )
