@@ -18,7 +18,7 @@ from geoseg.io.rasters import SceneInfo, read_windows
 from geoseg.tiling.grid import Tile
 
 
-# Its CPU share is set per pool at the call (geoseg.engine.scene.cpu_shares).
+# Its CPU share is the pool's (geoseg.engine.scene.cpu_shares), given where it is called.
 @ray.remote(max_retries=3)
 def read_batch(
     scene: SceneInfo, tiles: list[Tile]

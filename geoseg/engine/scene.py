@@ -199,7 +199,8 @@ class WorkerPool:
         # the small U-Net 12-17% less time compiled, 13-15% eager fp32. A GPU runs one.
         self.streams = options.streams or (2 if not use_gpu and cores_per_actor >= 2 else 1)
         threads = 0 if use_gpu else max(1, cores_per_actor // self.streams)
-        actor_cpus, self.read_cpus = cpu_shares(cpus, count, use_gpu)
+        actor_cpus, read_cpus = cpu_shares(cpus, count, use_gpu)
+        self.read_batch = read_batch.options(num_cpus=read_cpus)  # the scene's read tasks
         actor_cls = ray.remote(SegmentationWorker).options(
             num_cpus=actor_cpus,
             num_gpus=gpus_each,
@@ -340,7 +341,7 @@ def _stitch_and_write(
         while next_batch < len(batches) or pending:
             while next_batch < len(batches) and len(pending) < in_flight_max:
                 tiles = batches[next_batch]
-                read = read_batch.options(num_cpus=pool.read_cpus).remote(scene, tiles)
+                read = pool.read_batch.remote(scene, tiles)
                 ref, actor = pool.call("predict", grid, tiles, read, bands is None)
                 pending[ref] = (tiles, actor)
                 next_batch += 1
