@@ -79,7 +79,7 @@ from benchmarks.scenes import BAND_NAMES, make_mosaic_vrt, make_scene, scene_cla
 from benchmarks.scenes import CLASSES as SCENE_CLASSES
 from geoseg.engine.aot import CACHE_ENV
 from geoseg.engine.predict import Predictor
-from geoseg.engine.scene import SegmentOptions
+from geoseg.engine.scene import SegmentOptions, default_streams
 from geoseg.io.rasters import open_scene, read_windows
 from geoseg.models.card import ModelCard, read_card
 from geoseg.models.store import init_model, load_model, normalize, save_model
@@ -428,8 +428,8 @@ FORMS = {
     "cuda": [Form(p, c) for p in ("fp32", "bf16", "fp16") for c in (False, True)],
 }
 AGREEMENT_GOAL = 0.999  # a form counts when its class map is within 0.1% of fp32's
-# geoseg's default on a CPU actor of 2 or more cores (geoseg.engine.scene.WorkerPool).
-CPU_STREAMS = 2 if (os.cpu_count() or 1) >= 2 else 1
+# geoseg's default for one CPU actor on this machine.
+CPU_STREAMS = default_streams(os.cpu_count() or 1, use_gpu=False)
 # The small model's form in the memory runs (3) and side by side (5): its limit flips between
 # eager and compiled bf16 with the noise (within 6% of each other), and eager autocast holds
 # ~350 MiB more in the actor, which would move the memory figure between runs.
