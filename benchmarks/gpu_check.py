@@ -1,8 +1,8 @@
 """GPU check: geoseg's models and CRF on CUDA; what mixed precision costs in class agreement.
 
 Self-contained on purpose: it imports only ``geoseg.models``, ``geoseg.engine.predict``,
-``geoseg.crf`` and torch/numpy (plus what those import: safetensors, yaml, pydantic), not Ray or
-rasterio, so it runs on a bare GPU box.
+``geoseg.crf``, ``geoseg.crf_local`` and torch/numpy (plus what those import: safetensors, yaml,
+pydantic), not Ray or rasterio, so it runs on a bare GPU box.
 Its settings mirror ``geoseg.engine.predict.Predictor`` (normalise on the device, autocast, softmax
 in float32, class = argmax); the ``actor-*`` rows time the Predictor itself (numpy in, float16
 probabilities back on the host, as the actor returns them).
@@ -18,8 +18,8 @@ For each model directory given:
 3. Throughput on CUDA (MP/s = 1e6 input pixels per second; input already on the GPU, timed from
    the raw tensor to the class map: normalisation, forward, softmax, argmax), per batch size and
    setting; optionally ``torch.compile``.
-4. The CRF (``geoseg.crf.crf_refine``) on CUDA vs CPU: max |diff| of the refined probabilities and
-   class-map agreement, with some invalid pixels, on one model's probabilities.
+4. The CRF (``geoseg.crf_local.crf_refine``) on CUDA vs CPU: max |diff| of the refined
+   probabilities and class-map agreement, with some invalid pixels, on one model's probabilities.
 
 Usage::
 
@@ -48,7 +48,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from geoseg.crf import CRFParams, crf_refine
+from geoseg.crf import CRFParams
+from geoseg.crf_local import crf_refine
 from geoseg.engine.predict import Predictor
 from geoseg.models.card import ModelCard
 from geoseg.models.store import load_model, normalize

@@ -2,7 +2,8 @@
 
 Optional (``pip install geoseg[crf-dense]``); the distribution ``pydensecrf2`` installs the module
 ``pydensecrf``, imported only when :func:`dense_crf_refine` is called. It serves to compare
-:func:`geoseg.crf.crf_refine` (a local window, exact under tiling) with the unrestricted model.
+:func:`geoseg.crf_local.crf_refine` (a local window, exact under tiling) with the unrestricted
+model.
 
 Mapping of :class:`geoseg.crf.CRFParams` onto the library's API::
 
@@ -15,7 +16,7 @@ Mapping of :class:`geoseg.crf.CRFParams` onto the library's API::
 ``srgb`` is in the units of the 8-bit image, and ``bilateral_sigma_feat`` in units of the
 normalised features: the mapping assumes the features are the image divided by 255.
 
-Not the same numbers as :mod:`geoseg.crf`, by design of the library: its kernels are fully
+Not the same numbers as :mod:`geoseg.crf_local`, by design of the library: its kernels are fully
 connected (no window), evaluated approximately on a permutohedral lattice, and normalised
 (``NORMALIZE_SYMMETRIC``: the kernel sum at each pixel is about 1), where ours are not normalised
 (a pixel's kernel sum over a 7 x 7 window is tens): the same weights give a weaker pairwise term

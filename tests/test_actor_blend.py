@@ -10,6 +10,7 @@ import torch
 
 from geoseg.engine.actors import SegmentationWorker
 from geoseg.tiling.blend import Stitcher, classes_and_confidence
+from geoseg.tiling.device_blend import add_tile
 from geoseg.tiling.grid import TileGrid
 
 PAD = 128  # the field extends this far past the scene: every tile is cut from it
@@ -61,7 +62,7 @@ def test_batches_blended_in_the_actor_match_tile_by_tile_stitching(rgb_model: Pa
         probs = worker.predictor.probabilities(data).copy()
         for i, tile in enumerate(batch):
             tile_probs = probs[i] if batch_valid[i].any() else np.zeros_like(probs[i])
-            for block in reference.add(tile, tile_probs, batch_valid[i]):
+            for block in add_tile(reference, tile, tile_probs, batch_valid[i]):
                 r, c = block.row_off, block.col_off
                 expected[:, r : r + block.valid.shape[0], c : c + block.valid.shape[1]] = (
                     block.probs

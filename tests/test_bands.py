@@ -7,6 +7,7 @@ import pytest
 
 from geoseg.tiling.bands import BandAssembler
 from geoseg.tiling.blend import Stitcher
+from geoseg.tiling.device_blend import add_tile
 from geoseg.tiling.grid import TileGrid
 
 PAD = 256
@@ -31,7 +32,7 @@ def test_bands_cover_every_row_once_with_context(
     for tile in grid.tiles()[::-1] if height < 100 else grid.tiles():
         r, c = tile.row_off + PAD, tile.col_off + PAD
         window = np.s_[r : r + tile.height, c : c + tile.width]
-        for block in stitcher.add(tile, field[(slice(None), *window)], valid[window]):
+        for block in add_tile(stitcher, tile, field[(slice(None), *window)], valid[window]):
             for band in assembler.add(block):
                 seen[band.row_off : band.row_off + band.rows] += 1
                 top = band.context_row_off

@@ -10,13 +10,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from geoseg.tiling.blend import (
-    Stitcher,
-    blend_run,
-    classes_and_confidence,
-    taper,
-    tile_weights,
-)
+from geoseg.tiling.blend import Stitcher, classes_and_confidence, taper, tile_weights
+from geoseg.tiling.device_blend import add_tile, blend_run, classify
 from geoseg.tiling.grid import TileGrid
 
 PAD = 512  # the test fields extend this far past the scene on every side
@@ -30,7 +25,7 @@ def _stitch(grid: TileGrid, field: np.ndarray, valid: np.ndarray) -> tuple[np.nd
     for tile in grid.tiles():
         r, c = tile.row_off + PAD, tile.col_off + PAD
         window = np.s_[r : r + tile.height, c : c + tile.width]
-        for block in stitcher.add(tile, field[(slice(None), *window)], valid[window]):
+        for block in add_tile(stitcher, tile, field[(slice(None), *window)], valid[window]):
             rows, cols = block.valid.shape
             target = out[
                 :, block.row_off : block.row_off + rows, block.col_off : block.col_off + cols
@@ -114,7 +109,7 @@ def test_pending_memory_does_not_grow_with_scene_height() -> None:
         ones = np.ones((1, 128, 128), np.float32)
         valid = np.ones((128, 128), bool)
         for tile in grid.tiles():
-            stitcher.add(tile, ones, valid)
+            add_tile(stitcher, tile, ones, valid)
             peak = max(peak, stitcher.pending_cells)
         return peak
 
@@ -128,7 +123,7 @@ def test_weight_cache_does_not_grow_with_the_scene() -> None:
     ones = np.ones((1, 128, 128), np.float32)
     valid = np.ones((128, 128), bool)
     for tile in grid.tiles():
-        stitcher.add(tile, ones, valid)
+        add_tile(stitcher, tile, ones, valid)
     assert len(grid) == 32 * 32
     assert stitcher.cached_weights <= 9
 
@@ -145,7 +140,7 @@ def test_float16_read_only_tiles_are_weighed_in_float32() -> None:
     stitcher = Stitcher(grid, 4)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        (final, *_partial) = stitcher.add(middle, probs, valid)
+        (final, *_partial) = add_tile(stitcher, middle, probs, valid)
     # The tile's own core: rows and columns no neighbour covers.
     assert (final.row_off, final.col_off, *final.valid.shape) == (448, 448, 384, 384)
     weights = tile_weights(grid, middle)
@@ -249,3 +244,26 @@ def test_classes_and_confidence_follow_argmax_and_mark_nodata(nodata: int) -> No
     assert (ids[0, :10][valid[0, :10]] == 0).all()
     expected = np.clip(np.rint(probs.max(axis=0) * 255), 1, 255).astype(np.uint8)
     np.testing.assert_array_equal(confidence[valid], expected[valid])
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float32])
+def test_host_and_device_classification_agree_exactly(dtype: type) -> None:
+    """The driver's numpy classification and the actors' torch one give the same ids and
+    confidence, ties (first class wins), halves of 1/255 (rounded to even) and nodata included."""
+    rng = np.random.default_rng(17)
+    probs = rng.random((4, 64, 96)).astype(dtype)
+    probs[:, :8] = 0.25  # four-way ties
+    probs[:, 8:16] = 0.1
+    probs[1, 8:16] = probs[2, 8:16] = 0.45  # two-way ties between later classes
+    probs[:, 16:24] = 0.0
+    probs[3, 16:24] = (np.arange(96) + 0.5) / 255  # confidence exactly halfway between steps
+    valid = rng.random((64, 96)) > 0.15
+    for nodata, mask_dtype in ((255, "uint8"), (65535, "uint16")):
+        ids, confidence = classes_and_confidence(probs, valid, nodata, mask_dtype)
+        device_ids, device_confidence = classify(
+            torch.from_numpy(probs), torch.from_numpy(valid), nodata
+        )
+        np.testing.assert_array_equal(ids, device_ids.numpy().astype(mask_dtype))
+        np.testing.assert_array_equal(confidence, device_confidence.numpy())
+        assert ids.dtype == np.dtype(mask_dtype)
+        assert (ids[8:16][valid[8:16]] == 1).all()

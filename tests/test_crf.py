@@ -7,7 +7,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from geoseg.crf import CRFParams, crf_refine, crf_refine_tiled
+from geoseg.crf import CRFParams
+from geoseg.crf_local import crf_refine, crf_refine_tiled
 from geoseg.errors import ConfigError
 
 # Weak pairwise weights keep the distributions soft, so that a change at the edge of a tile's

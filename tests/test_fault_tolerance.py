@@ -44,7 +44,7 @@ def _actor_pids(root: psutil.Process) -> list[int]:
     pids = []
     for child in root.children(recursive=True):
         try:
-            if "SegmentationWorker" in " ".join(child.cmdline()):
+            if "ModelActor" in " ".join(child.cmdline()):
                 pids.append(child.pid)
         except psutil.Error:
             continue

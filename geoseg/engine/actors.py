@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,39 +21,18 @@ import numpy as np
 import torch
 from numpy.typing import NDArray
 
-from geoseg.crf import CRFParams, crf_refine, crf_refine_tiled
+from geoseg.crf import CRFParams
+from geoseg.crf_local import crf_refine, crf_refine_tiled
 from geoseg.engine.predict import Predictor
 from geoseg.io.cog import mask_dtype
 from geoseg.io.rasters import SceneInfo, read_tile
 from geoseg.models.store import normalize
 from geoseg.tiling.bands import Band
-from geoseg.tiling.blend import (
-    RunLayout,
-    Stitcher,
-    blend_run,
-    classes_and_confidence,
-    classify,
-    tensor_view,
-)
+from geoseg.tiling.blend import RunOutput, Stitcher, classes_and_confidence
+from geoseg.tiling.device_blend import blend_run, classify, tensor_view
 from geoseg.tiling.grid import Tile, TileGrid
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class RunOutput:
-    """A run of tiles blended by an actor (:meth:`SegmentationWorker.predict`).
-
-    ``partial`` ``(classes, pixels)`` and ``partial_valid`` are the frame's cells packed for
-    :meth:`geoseg.tiling.blend.Stitcher.add_partial`; ``final`` covers ``layout.final``: class
-    ids and confidence, or blended probabilities and validity; empty when the run finishes
-    nothing alone.
-    """
-
-    layout: RunLayout
-    partial: NDArray[np.float32]
-    partial_valid: NDArray[np.bool_]
-    final: tuple[NDArray[Any], NDArray[Any]] | tuple[()]
 
 
 CRF_CPU_TILE = 1024  # 286-row bands x 10k columns, 4 classes: 6.8 MP/s at 1024, 3.3 whole

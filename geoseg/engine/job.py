@@ -9,12 +9,12 @@ from collections.abc import Callable
 from dataclasses import asdict
 from datetime import UTC, datetime
 from functools import partial
+from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
 import rasterio
 import ray
-import torch
 
 from geoseg import __version__
 from geoseg.engine.runtime import start_ray
@@ -63,7 +63,7 @@ def run_provenance(started: datetime) -> dict[str, Any]:
         "host": platform.node(),
         "versions": {
             "ray": ray.__version__,
-            "torch": torch.__version__,
+            "torch": version("torch"),  # not imported: the actors use it
             "rasterio": rasterio.__version__,
             "gdal": rasterio.__gdal_version__,
         },

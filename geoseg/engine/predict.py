@@ -39,7 +39,7 @@ from numpy.typing import NDArray
 from geoseg.engine.aot import AheadOfTime
 from geoseg.errors import ConfigError
 from geoseg.models.store import load_model, normalize
-from geoseg.tiling.blend import tensor_view
+from geoseg.tiling.device_blend import tensor_view
 
 log = logging.getLogger(__name__)
 

@@ -21,26 +21,26 @@ added. With tiles added in row-major order only the cells of one ``overlap``-hig
 for the next tile row, so memory is ``O(overlap x width x classes)``, independent of the height.
 
 Runs. The model actors blend a whole batch where it was inferred (on the GPU there), as a *run* of
-consecutive tiles of one tile row (:func:`blend_run`): the cells every tile of which is in the run
-(the run's core, one rectangle: :class:`RunLayout`) are final there and are classified there; only
-the frame one overlap wide that the run shares with its neighbours comes to the :class:`Stitcher`
-as partial sums (:meth:`Stitcher.add_partial`). A final pixel is the same float32 sum, tiles added
-left to right, as tile-by-tile stitching gives; a frame pixel's partial sums may be added in
-another order (a float32 rounding).
+consecutive tiles of one tile row (:func:`geoseg.tiling.device_blend.blend_run`, in torch): the
+cells every tile of which is in the run (the run's core, one rectangle: :class:`RunLayout`) are
+final there and are classified there; only the frame one overlap wide that the run shares with its
+neighbours comes to the :class:`Stitcher` as partial sums (:meth:`Stitcher.add_partial`). A final
+pixel is the same float32 sum, tiles added left to right, as tile-by-tile stitching gives; a frame
+pixel's partial sums may be added in another order (a float32 rounding).
+
+This module is numpy only: the driver stitches and classifies with it and never imports torch,
+which would cost its process ~180 MiB and ~0.9 s before Ray starts.
 """
 
 from __future__ import annotations
 
-import warnings
 from bisect import bisect_left
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from itertools import pairwise
 from math import pi
+from typing import Any
 
 import numpy as np
-import torch
 from numpy.typing import NDArray
 
 from geoseg.tiling.grid import Tile, TileGrid
@@ -80,17 +80,6 @@ def tile_weights(grid: TileGrid, tile: Tile) -> NDArray[np.float32]:
     w_rows = taper(tile.height, grid.overlap, top, bottom)[top_skip : top_skip + rows]
     w_cols = taper(tile.width, grid.overlap, left, right)[left_skip : left_skip + cols]
     return np.outer(w_rows, w_cols)
-
-
-def tensor_view(array: NDArray[np.generic]) -> torch.Tensor:
-    """A tensor sharing ``array``'s memory, for reading only.
-
-    Arrays fresh from Ray's object store are read-only, and torch warns about every read-only
-    array (in every actor's and the driver's log) although its callers here only read it.
-    """
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)
-        return torch.from_numpy(array)
 
 
 def _segments(offsets: tuple[int, ...], size: int, length: int) -> list[tuple[int, int, int]]:
@@ -145,12 +134,28 @@ class RunLayout:
     partial: tuple[Cell, ...]
 
 
+@dataclass(frozen=True)
+class RunOutput:
+    """A run of tiles blended by an actor (:meth:`geoseg.engine.actors.SegmentationWorker.predict`).
+
+    ``partial`` ``(classes, pixels)`` and ``partial_valid`` are the frame's cells packed for
+    :meth:`Stitcher.add_partial`; ``final`` covers ``layout.final``: class
+    ids and confidence, or blended probabilities and validity; empty when the run finishes
+    nothing alone.
+    """
+
+    layout: RunLayout
+    partial: NDArray[np.float32]
+    partial_valid: NDArray[np.bool_]
+    final: tuple[NDArray[Any], NDArray[Any]] | tuple[()]
+
+
 class Stitcher:
     """Accumulates tile probabilities and hands back each part of the scene once it is final.
 
-    Tiles arrive one by one (:meth:`add`) or as runs already blended where the model ran
-    (:func:`blend_run`, :meth:`add_partial`): a run's final rectangle needs nothing more, and
-    only its frame of partial sums passes through here.
+    Tiles arrive as runs blended where the model ran (:mod:`geoseg.tiling.device_blend`), one
+    tile or more: a run's final rectangle needs nothing more, and only its frame of partial sums
+    passes through here (:meth:`add_partial`).
     """
 
     def __init__(self, grid: TileGrid, num_classes: int) -> None:
@@ -234,29 +239,6 @@ class Stitcher:
             partial=partial,
         )
 
-    def add(self, tile: Tile, probs: NDArray[np.floating], valid: NDArray[np.bool_]) -> list[Block]:
-        """Add one tile's probabilities ``(classes, tile rows, tile cols)`` and validity mask.
-
-        Both cover the whole tile, margins past the scene edge included; those are cropped here.
-        Returns the blocks that became final.
-        """
-        layout = self.layout([tile])
-        with one_torch_thread():
-            run = blend_run(
-                self.grid,
-                layout,
-                [tile],
-                tensor_view(np.asarray(probs))[None],
-                tensor_view(np.asarray(valid))[None],
-                lambda t: tensor_view(self.weights_for(t)),
-            )
-        finished = []
-        if run.final is not None:
-            assert layout.final is not None
-            final, final_valid = run.final
-            finished.append(Block(*layout.final[:2], final.numpy(), final_valid.numpy()))
-        return finished + self.add_partial(layout, run.partial.numpy(), run.partial_valid.numpy())
-
     def add_partial(
         self, layout: RunLayout, probs: NDArray[np.float32], valid: NDArray[np.bool_]
     ) -> list[Block]:
@@ -290,90 +272,6 @@ class Stitcher:
         return finished
 
 
-@contextmanager
-def one_torch_thread() -> Iterator[None]:
-    """Torch on one thread for the enclosed calls (the driver's share of the blending).
-
-    On a CPU machine the cores belong to the model actors: torch's default thread pool in the
-    driver cost them more than it saved (a 10k² scene 6-8% slower end to end).
-    """
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
-
-
-@dataclass(frozen=True)
-class BlendedRun:
-    """A run blended (:func:`blend_run`), on its device: the final rectangle's sums and validity
-    (None when the run finishes nothing alone) and the partial cells packed for
-    :meth:`Stitcher.add_partial`: sums ``(classes, pixels)`` and validity ``(pixels)``, each
-    cell's pixels row-major, one cell after the other in ``layout.partial``'s order (one
-    contiguous pair: one copy off a GPU)."""
-
-    final: tuple[torch.Tensor, torch.Tensor] | None
-    partial: torch.Tensor
-    partial_valid: torch.Tensor
-
-
-def blend_run(
-    grid: TileGrid,
-    layout: RunLayout,
-    tiles: list[Tile],
-    probs: torch.Tensor,
-    valid: torch.Tensor,
-    weights: Callable[[Tile], torch.Tensor],
-) -> BlendedRun:
-    """Weighted sum of a run's tile probabilities over its footprint, on their device, cut as
-    ``layout`` says.
-
-    ``probs`` ``(tiles, classes, H, W)`` (any float type: summed in float32), ``valid``
-    ``(tiles, H, W)``, whole tiles (margins past the scene included; cropped here);
-    ``weights(tile)`` the scene-clipped :func:`tile_weights` on the same device. Tiles are added
-    left to right, as the stitcher adds them, so a final pixel is the same float32 sum.
-    """
-    row_off, col_off, rows, cols = layout.footprint
-    summed = torch.zeros((probs.shape[1], rows, cols), dtype=torch.float32, device=probs.device)
-    summed_valid = torch.zeros((rows, cols), dtype=torch.bool, device=probs.device)
-    for i, tile in enumerate(tiles):
-        r0, c0, h, w = tile.clipped(grid.height, grid.width)
-        inside = np.s_[
-            r0 - tile.row_off : r0 - tile.row_off + h, c0 - tile.col_off : c0 - tile.col_off + w
-        ]
-        target = np.s_[r0 - row_off : r0 - row_off + h, c0 - col_off : c0 - col_off + w]
-        tile_valid = valid[i][inside]
-        # Nodata pixels take no part: their weight is 0.
-        weight = weights(tile) * tile_valid
-        summed[(slice(None), *target)] += probs[i][(slice(None), *inside)].float() * weight
-        summed_valid[target] = tile_valid
-    final = None
-    if layout.final is not None:
-        final = _crop(summed, summed_valid, layout.footprint, layout.final)
-    classes = summed.shape[0]
-    parts, valids = [summed.new_zeros((classes, 0))], [summed_valid.new_zeros((0,))]
-    for cell in layout.partial:
-        window = (cell.row_off, cell.col_off, cell.rows, cell.cols)
-        part, part_valid = _crop(summed, summed_valid, layout.footprint, window)
-        parts.append(part.reshape(classes, -1))
-        valids.append(part_valid.reshape(-1))
-    return BlendedRun(final, torch.cat(parts, dim=1), torch.cat(valids))
-
-
-def _crop(
-    summed: torch.Tensor,
-    valid: torch.Tensor,
-    footprint: tuple[int, int, int, int],
-    window: tuple[int, int, int, int],
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The part ``window`` of a run's sums and validity (both scene windows)."""
-    r, c = window[0] - footprint[0], window[1] - footprint[1]
-    rows = slice(r, r + window[2])
-    cols = slice(c, c + window[3])
-    return summed[:, rows, cols], valid[rows, cols]
-
-
 @dataclass
 class _Cell:
     remaining: int
@@ -381,32 +279,24 @@ class _Cell:
     valid: NDArray[np.bool_] | None = field(default=None)
 
 
-def classify(
-    probs: torch.Tensor, valid: torch.Tensor, nodata: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Class ids (``nodata`` where not valid) and confidence ``round(255 x max probability)``.
-
-    ``probs`` ``(classes, rows, cols)`` on any device. A running maximum over the class planes:
-    the first-maximum rule of ``argmax``, and the maximum for free. Ids are uint8 when ``nodata``
-    fits, else int32; confidence is uint8, 0 (its nodata) where not valid, at least 1 elsewhere.
-    """
-    best = probs[0].float().clone()
-    ids = torch.zeros(best.shape, dtype=torch.uint8 if nodata <= 255 else torch.int32,
-                      device=probs.device)  # fmt: skip
-    for class_id in range(1, probs.shape[0]):
-        ids.masked_fill_(probs[class_id] > best, class_id)
-        torch.maximum(best, probs[class_id], out=best)
-    invalid = ~valid
-    ids.masked_fill_(invalid, nodata)
-    confidence = best.mul_(255).round_().clamp_(1, 255).to(torch.uint8)
-    confidence.masked_fill_(invalid, 0)
-    return ids, confidence
-
-
 def classes_and_confidence(
     probs: NDArray[np.floating], valid: NDArray[np.bool_], nodata: int, dtype: str
 ) -> tuple[NDArray[np.integer], NDArray[np.uint8]]:
-    """:func:`classify` of numpy arrays (on the calling thread alone): ids as ``dtype``."""
-    with one_torch_thread():
-        ids, confidence = classify(tensor_view(probs), tensor_view(valid), nodata)
-    return ids.numpy().astype(dtype, copy=False), confidence.numpy()
+    """Class ids (``nodata`` where not valid) and confidence ``round(255 x max probability)``.
+
+    ``probs`` ``(classes, rows, cols)``. A running maximum over the class planes: the
+    first-maximum rule of ``argmax``, and the maximum for free. Ids are ``dtype``; confidence is
+    uint8, 0 (its nodata) where not valid, at least 1 elsewhere. The same numbers as
+    :func:`geoseg.tiling.device_blend.classify`, which classifies on the model's device.
+    """
+    best = probs[0].astype(np.float32, copy=True)
+    ids = np.zeros(best.shape, dtype=dtype)
+    for class_id in range(1, probs.shape[0]):
+        ids[probs[class_id] > best] = class_id
+        np.maximum(best, probs[class_id], out=best)
+    invalid = ~valid
+    ids[invalid] = nodata
+    best *= 255
+    confidence = np.clip(np.rint(best, out=best), 1, 255, out=best).astype(np.uint8)
+    confidence[invalid] = 0
+    return ids, confidence
