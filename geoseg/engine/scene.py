@@ -29,6 +29,7 @@ from numpy.typing import NDArray
 from tqdm import tqdm
 
 from geoseg.crf import CRFParams
+from geoseg.engine.model_actor import ModelActor
 from geoseg.engine.reads import read_batch
 from geoseg.engine.runtime import cluster_cpus, cluster_gpus, embedded, stop_ray
 from geoseg.errors import ConfigError
@@ -175,30 +176,6 @@ def cpu_shares(cpus: float, actors: int, use_gpu: bool) -> tuple[float, float]:
     actor = max(MIN_CPU_SHARE, min(0.25 if use_gpu else 0.5, cpus / (2 * actors)))
     read = max(MIN_CPU_SHARE, min(1.0, (cpus - actors * actor) / 2))
     return actor, read
-
-
-class ModelActor:
-    """The model actor Ray runs: a :class:`geoseg.engine.actors.SegmentationWorker` built in its
-    own process, which imports torch as it starts.
-
-    The driver never imports the worker's module, nor torch with it: torch cost the driver ~180
-    MiB and ~0.9 s before Ray started, and the driver only stitches frames and writes numpy
-    arrays (:mod:`geoseg.tiling.blend`).
-    """
-
-    def __init__(self, *args: Any) -> None:
-        from geoseg.engine.actors import SegmentationWorker
-
-        self._worker = SegmentationWorker(*args)
-
-    def ready(self) -> dict[str, Any]:
-        return self._worker.ready()
-
-    def predict(self, *args: Any) -> Any:
-        return self._worker.predict(*args)
-
-    def refine(self, *args: Any) -> Any:
-        return self._worker.refine(*args)
 
 
 class WorkerPool:
