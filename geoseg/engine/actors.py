@@ -185,25 +185,28 @@ class SegmentationWorker:
         data, _ = read_tile(scene, band.context_row_off, 0, rows, scene.width)
         features = normalize(torch.from_numpy(data.astype(np.float32))[None], self.card)[0]
         features = features[feature_indexes]
+        core = slice(band.halo_top, band.halo_top + band.rows)
         if backend == "dense":
             from geoseg.crf_dense import dense_crf_refine
 
             if len(feature_indexes) != 3:
                 raise ValueError("the dense CRF backend needs exactly 3 feature bands")
             image = np.clip(features.permute(1, 2, 0).numpy() * 255, 0, 255).astype(np.uint8)
-            refined = dense_crf_refine(band.probs, image, band.valid, params)
+            refined = dense_crf_refine(band.probs, image, band.valid, params)[:, core]
         else:
             # Read only (the CRF makes new tensors): no copy of the band out of the object store.
             probs = tensor_view(band.probs).to(self.device)
             valid = tensor_view(band.valid).to(self.device)
             features = features.to(self.device)
+            wanted = (core, slice(0, scene.width))  # the context rows only inform the core's
             if self.device.type == "cpu":
                 # Pieces of the band that fit the CPU's caches (exact: crf_refine_tiled keeps the
                 # CRF's halo): 2x faster than the whole 10k-wide band at once on this CPU.
-                refined = crf_refine_tiled(probs, features, valid, params, CRF_CPU_TILE).numpy()
+                refined = crf_refine_tiled(
+                    probs, features, valid, params, CRF_CPU_TILE, core=wanted
+                ).numpy()
             else:
-                refined = crf_refine(probs, features, valid, params).cpu().numpy()
-        core = slice(band.halo_top, band.halo_top + band.rows)
+                refined = crf_refine(probs, features, valid, params, core=wanted).cpu().numpy()
         dtype, nodata = mask_dtype(self.card.num_classes)
-        ids, confidence = classes_and_confidence(refined[:, core], band.valid[core], nodata, dtype)
+        ids, confidence = classes_and_confidence(refined, band.valid[core], nodata, dtype)
         return ids, confidence, time.perf_counter() - start
