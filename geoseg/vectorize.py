@@ -40,12 +40,12 @@ How it works
 
 4. **A region is finished as soon as it cannot grow.** After the merge, a group that contains no
    piece touching the bottom of the current strip can never meet a later row, so it is emitted:
-   its parts (pieces from successive strips, sharing edges exactly) are combined with
-   :func:`shapely.union_all`, which for a 4-connected region gives one valid Polygon, rings
-   enclosing other regions included. Only the parts' exteriors go through the overlay and their
-   holes are re-attached afterwards (exact, see :func:`_merge_parts`), which keeps a background
-   region with 10^5 holes cheap. Pieces touching neither the top nor the bottom of their
-   strip, the vast majority, go out directly as GDAL produced them.
+   its parts (pieces from successive strips, sharing edges exactly) are combined by a coverage
+   union, which for a 4-connected region gives one valid Polygon, rings enclosing other regions
+   included. Only the parts' exteriors go through it and their holes are re-attached afterwards
+   (exact, see :func:`_merge_parts`), which keeps a background region with 10^5 holes cheap.
+   Pieces touching neither the top nor the bottom of their strip, the vast majority, go out
+   directly as GDAL produced them.
 
 ``shapes`` yields GeoJSON-like dicts; the strip's rings are flattened into one coordinate array
 and turned into geometries with :func:`shapely.from_ragged_array`, which is several times faster
@@ -579,11 +579,19 @@ def _merge_parts(region: _OpenRegion) -> shapely.Polygon:
     for speed: a background region with 10^5 holes took 45 s through ``union_all`` with its
     holes and under 1 s this way.
 
+    The exteriors do not overlap (parts of one strip are disjoint, and none lies in another's
+    hole), so they form a coverage once :func:`edge_match` puts a vertex wherever a seam's
+    neighbour has one, and GEOS's coverage union joins them without an overlay's noding: 3x
+    faster than ``union_all`` on the regions of a 10k² map and of a NAIP mosaic (0.60 against
+    2.01 s, 0.43 against 1.29 s), the same polygons vertex for vertex once normalised.
+
     Raises:
         RuntimeError: if the parts do not form one polygon (a bookkeeping bug, never expected).
     """
     parts = np.asarray(region.parts, dtype=object)
-    merged = shapely.union_all(shapely.polygons(shapely.get_exterior_ring(parts)))
+    merged = shapely.coverage_union_all(
+        edge_match(shapely.polygons(shapely.get_exterior_ring(parts)))
+    )
     if not isinstance(merged, shapely.Polygon):
         # Parts of one 4-connected region always share edges; anything else means the seam
         # bookkeeping is wrong, which must not pass silently.
