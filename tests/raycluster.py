@@ -47,10 +47,14 @@ class RayHead:
     env: Mapping[str, str] = field(repr=False)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+def _free_ports(count: int) -> list[int]:
+    """``count`` distinct free ports: all held open until all are chosen (one at a time, the
+    kernel handed the same port out twice in one CI run, and Ray refused to start)."""
+    with contextlib.ExitStack() as stack:
+        sockets = [stack.enter_context(socket.socket()) for _ in range(count)]
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [int(s.getsockname()[1]) for s in sockets]
 
 
 def _answers(url: str) -> bool:
@@ -96,8 +100,7 @@ def ray_head() -> Iterator[RayHead]:
     auth_env = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
     # Short path: Ray's unix sockets live under it and are limited to 107 bytes.
     temp_dir = Path(tempfile.mkdtemp(prefix="gsray-", dir="/tmp"))
-    dashboard_port = _free_port()
-    client_port = _free_port()
+    gcs_port, dashboard_port, client_port, agent_port = _free_ports(4)
     dashboard_url = f"http://127.0.0.1:{dashboard_port}"
     venv_bin = str(Path(sys.executable).parent)
     env = {**os.environ, **auth_env}
@@ -110,13 +113,13 @@ def ray_head() -> Iterator[RayHead]:
         "start",
         "--head",
         "--block",
-        f"--port={_free_port()}",
+        f"--port={gcs_port}",
         "--dashboard-host=127.0.0.1",
         f"--dashboard-port={dashboard_port}",
         "--include-dashboard=true",
         # Defaults that are fixed ports (10001, 52365) would collide with another head.
         f"--ray-client-server-port={client_port}",
-        f"--dashboard-agent-listen-port={_free_port()}",
+        f"--dashboard-agent-listen-port={agent_port}",
         "--num-cpus=2",
         "--object-store-memory=200000000",
         f"--temp-dir={temp_dir}",
