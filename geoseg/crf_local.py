@@ -111,7 +111,7 @@ def _core_bounds(core: Core | None, height: int, width: int) -> tuple[int, int, 
 def crf_refine(
     probs: Tensor, features: Tensor, valid: Tensor, params: CRFParams, *, core: Core | None = None
 ) -> Tensor:
-    """Refine class probabilities by mean-field inference (formulas in the module docstring).
+    """Refine class probabilities by mean-field inference (formulas in :mod:`geoseg.crf`).
 
     Args:
         probs: ``(C, H, W)`` or ``(B, C, H, W)`` probabilities (the network's blended softmax).
