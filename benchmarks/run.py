@@ -46,7 +46,6 @@ machine and are left out.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import platform
@@ -77,7 +76,7 @@ from benchmarks.proctree import (
 )
 from benchmarks.scenes import BAND_NAMES, make_mosaic_vrt, make_scene, scene_classes, scene_window
 from benchmarks.scenes import CLASSES as SCENE_CLASSES
-from geoseg.engine.aot import CACHE_ENV
+from geoseg.engine.aot import CACHE_ENV, sources_digest
 from geoseg.engine.predict import Predictor
 from geoseg.engine.scene import SegmentOptions, default_streams
 from geoseg.io.rasters import open_scene, read_windows
@@ -200,10 +199,6 @@ def code_version() -> dict[str, str]:
     The working tree may change while the benchmark runs (someone else editing it); comparing
     the digest before and after a measurement shows whether it measured one version.
     """
-    digest = hashlib.sha256()
-    for path in sorted((REPO / "geoseg").rglob("*.py")):
-        digest.update(str(path.relative_to(REPO)).encode())
-        digest.update(path.read_bytes())
     try:
         head = subprocess.run(
             ["git", "rev-parse", "--short", "HEAD"],
@@ -214,7 +209,7 @@ def code_version() -> dict[str, str]:
         ).stdout.strip()
     except OSError:  # no git (a bare GPU machine given a copy of the tree)
         head = ""
-    return {"git_head": head or "?", "sources_sha256": digest.hexdigest()[:16]}
+    return {"git_head": head or "?", "sources_sha256": sources_digest()}
 
 
 def ensure_model(out: Path, spec: ModelSpec) -> Path:

@@ -28,6 +28,8 @@ from dataclasses import dataclass
 
 from geoseg.errors import ConfigError
 
+PROB_FLOOR = 1e-8  # the unary's floor: U = -log(max(probs, PROB_FLOOR))
+
 
 @dataclass(frozen=True)
 class CRFParams:

@@ -26,15 +26,10 @@ own), still pass messages, and are returned as 0.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import numpy as np
 from numpy.typing import NDArray
 
-if TYPE_CHECKING:
-    from geoseg.crf import CRFParams
-
-_PROB_FLOOR = 1e-8
+from geoseg.crf import PROB_FLOOR, CRFParams
 
 
 def dense_crf_refine(
@@ -72,7 +67,7 @@ def dense_crf_refine(
 
     # A uniform unary where invalid: those pixels bring no evidence of their own (NaN-safe too).
     clean = np.where(valid, probs, 1.0)
-    unary = -np.log(np.maximum(clean, _PROB_FLOOR)).astype(np.float32)
+    unary = -np.log(np.maximum(clean, PROB_FLOOR)).astype(np.float32)
     crf = densecrf.DenseCRF2D(width, height, classes)
     crf.setUnaryEnergy(np.ascontiguousarray(unary.reshape(classes, -1)))
     crf.addPairwiseGaussian(sxy=params.spatial_sigma, compat=params.spatial_weight)

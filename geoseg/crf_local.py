@@ -22,16 +22,14 @@ from math import exp, prod
 import torch
 from torch import Tensor
 
-from geoseg.crf import CRFParams
+from geoseg.crf import PROB_FLOOR, CRFParams
 from geoseg.errors import ConfigError
-
-_PROB_FLOOR = 1e-8
 
 _Window = tuple[slice, slice]
 Core = tuple[slice, slice]  # rows, columns
 
 
-def _half_offsets(radius: int) -> list[tuple[int, int]]:
+def half_offsets(radius: int) -> list[tuple[int, int]]:
     """One offset of each pair ``{d, -d}`` in the window: ``dy > 0``, or ``dy == 0 < dx``."""
     return [
         (dy, dx)
@@ -94,7 +92,7 @@ def _pair_kernel(
     return kernel.mul_(feat_scale).exp_().mul_(bilateral).add_(spatial)
 
 
-def _core_bounds(core: Core | None, height: int, width: int) -> tuple[int, int, int, int]:
+def core_bounds(core: Core | None, height: int, width: int) -> tuple[int, int, int, int]:
     """``core`` as ``(row0, row1, col0, col1)``, checked to be a non-empty part of the array."""
     if core is None:
         return 0, height, 0, width
@@ -132,12 +130,12 @@ def crf_refine(
     unbatched = probs.dim() == 3
     probs, features, valid = _batched(probs, features, valid)
     height, width = probs.shape[-2:]
-    row0, row1, col0, col1 = _core_bounds(core, height, width)
+    row0, row1, col0, col1 = core_bounds(core, height, width)
     valid = valid.to(device=probs.device, dtype=torch.bool)
     mask = valid[:, None]
     # Invalid pixels carry no information and may be NaN (nodata): neutral values keep NaN out of
     # the arithmetic, the zero kernel keeps them out of the messages, and the output is zeroed.
-    log_p = torch.where(mask, probs.to(torch.float32), 1.0).clamp_min(_PROB_FLOOR).log()
+    log_p = torch.where(mask, probs.to(torch.float32), 1.0).clamp_min(PROB_FLOOR).log()
     feats = torch.where(mask, features.to(device=probs.device, dtype=torch.float32), 0.0)
     q = torch.softmax(log_p, dim=1)
     q_origin = (0, 0)  # array position of q's first pixel: q covers the last region updated
@@ -145,7 +143,7 @@ def crf_refine(
     if params.iterations > 0:
         all_valid = bool(valid.all())
         pairs: list[tuple[_Window, _Window, Tensor]] = []
-        for dy, dx in _half_offsets(params.radius):
+        for dy, dx in half_offsets(params.radius):
             windows = _pair_windows(dy, dx, height, width)
             if windows is None:
                 continue
@@ -239,7 +237,7 @@ def crf_refine_tiled(
     if halo < 0:
         raise ConfigError(f"CRF halo must be >= 0, got {halo}")
     height, width = probs.shape[-2:]
-    row0, row1, col0, col1 = _core_bounds(core, height, width)
+    row0, row1, col0, col1 = core_bounds(core, height, width)
     out = torch.empty(
         (*probs.shape[:-2], row1 - row0, col1 - col0), dtype=torch.float32, device=probs.device
     )

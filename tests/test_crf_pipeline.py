@@ -77,3 +77,22 @@ def test_dense_reference_backend(
     _run([str(fixtures["good"])], rgb_model, tmp_path, crf=True, crf_backend="dense")
     mask = _read(tmp_path / "good" / "mask.tif")
     assert mask.shape == (200, 300) and (mask < 4).all()
+
+
+def test_with_compile_the_actors_run_the_crf_compiled(
+    ray_local: None, trained_aerial_model: Path, tmp_path: Path, compile_cache: Path
+) -> None:
+    """``--compile`` compiles the CRF's graphs too (two packages) and keeps the eager classes."""
+    from conftest import AERIAL
+
+    scene = str(AERIAL / "23322E759967N_clipped_1m_1of2.tif")  # 341 x 280
+    name = "23322E759967N_clipped_1m_1of2"
+    _run([scene], trained_aerial_model, tmp_path / "compiled", crf=False, compile=True)
+    before = set(compile_cache.iterdir())
+    _run([scene], trained_aerial_model, tmp_path / "compiled-crf", crf=True, compile=True)
+    assert len(set(compile_cache.iterdir()) - before) == 2  # the kernel planes and one iteration
+    _run([scene], trained_aerial_model, tmp_path / "eager-crf", crf=True)
+    compiled = _read(tmp_path / "compiled-crf" / name / "mask.tif")
+    assert (compiled == _read(tmp_path / "eager-crf" / name / "mask.tif")).mean() >= 0.999
+    # The CRF ran: it changed the compiled model's classes.
+    assert (compiled != _read(tmp_path / "compiled" / name / "mask.tif")).mean() > 0.001

@@ -28,6 +28,7 @@ toolkit's headers at build time, which a pip-installed torch does not bring.
 from __future__ import annotations
 
 import ctypes
+import functools
 import hashlib
 import json
 import logging
@@ -62,6 +63,23 @@ def cache_dir() -> Path:
     return Path(base) / "geoseg" / "compiled"
 
 
+def sources_digest() -> str:
+    """A digest of geoseg's Python sources (paths and contents).
+
+    Compiled code is built from them (the graphs' functions, the models' classes): a package
+    named with it is never loaded by another version of geoseg.
+    """
+    package = Path(__file__).resolve().parent.parent
+    digest = hashlib.sha256()
+    for path in sorted(package.rglob("*.py")):
+        digest.update(str(path.relative_to(package.parent)).encode())
+        digest.update(path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+_SOURCES = functools.cache(sources_digest)  # of this process's geoseg: read once
+
+
 def agrees(got: torch.Tensor, expected: torch.Tensor) -> tuple[bool, str]:
     """Whether a compiled graph's output ``(B, classes, H, W)`` matches the eager one's, and how.
 
@@ -78,13 +96,13 @@ def agrees(got: torch.Tensor, expected: torch.Tensor) -> tuple[bool, str]:
 class _Graph(torch.nn.Module):
     """``function`` as a module owning ``model``, so that export lifts the weights."""
 
-    def __init__(self, function: Callable[[torch.Tensor], torch.Tensor], model: torch.nn.Module):
+    def __init__(self, function: Callable[..., Any], model: torch.nn.Module):
         super().__init__()
         self.model = model
         self.function = function
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.function(x)
+    def forward(self, *inputs: torch.Tensor) -> Any:
+        return self.function(*inputs)
 
 
 _Handle = ctypes.c_void_p
@@ -159,21 +177,22 @@ class CompiledLibrary:
         if error:  # the library has printed the C++ exception on stderr
             raise RuntimeError(f"{self.path}: AOTInductor could not {action} the model ({error})")
 
-    def run(self, x: torch.Tensor) -> torch.Tensor:
-        """The graph on ``x`` (its first output)."""
-        (handle,) = torch._C._aoti.unsafe_alloc_void_ptrs_from_tensors([x])  # type: ignore[attr-defined]
-        inputs = (_Handle * 1)(self._get_pointer(handle, None))
+    def run(self, *tensors: torch.Tensor) -> list[torch.Tensor]:
+        """The graph's outputs on ``tensors``, its inputs in order."""
+        handles = torch._C._aoti.unsafe_alloc_void_ptrs_from_tensors(list(tensors))  # type: ignore[attr-defined]
+        inputs = (_Handle * len(handles))(*(self._get_pointer(h, None) for h in handles))
         outputs = (_Handle * self._outputs)()
         self._check(
             self._lib.AOTInductorModelContainerRun(
-                self._container, inputs, 1, outputs, self._outputs, None, None
+                self._container, inputs, len(handles), outputs, self._outputs, None, None
             ),
             "run",
         )
         stolen = [self._new_capsule(pointer, None, None) for pointer in outputs]
-        results = torch._C._aoti.alloc_tensors_by_stealing_from_void_ptrs(stolen)  # type: ignore[attr-defined]
-        out: torch.Tensor = results[0]
-        return out
+        results: list[torch.Tensor] = torch._C._aoti.alloc_tensors_by_stealing_from_void_ptrs(
+            stolen
+        )  # type: ignore[attr-defined]
+        return results
 
     def __del__(self) -> None:
         container = getattr(self, "_container", None)
@@ -184,13 +203,14 @@ class CompiledLibrary:
 class AheadOfTime:
     """``function`` (a graph over ``model``) run from AOTInductor packages, one per input shape.
 
-    ``identity``: what, besides the input and the platform, makes the compiled code differ (the
+    ``function`` takes tensors and returns a tensor or a tuple of them, as the call does.
+    ``identity``: what, besides the inputs and the platform, makes the compiled code differ (the
     weights' hash, the card, the precision...).
     """
 
     def __init__(
         self,
-        function: Callable[[torch.Tensor], torch.Tensor],
+        function: Callable[..., Any],
         model: torch.nn.Module,
         identity: dict[str, Any],
         concurrency: int = 1,
@@ -204,20 +224,28 @@ class AheadOfTime:
         self._runners: dict[tuple[Any, ...], CompiledLibrary] = {}
         self._lock = threading.Lock()
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        key = (tuple(x.shape), x.dtype)
+    def __call__(self, *inputs: torch.Tensor) -> Any:
+        key = tuple((tuple(x.shape), x.dtype) for x in inputs)
         runner = self._runners.get(key)
         if runner is None:
             with self._lock:  # two threads' first calls compile once
-                runner = self._runners.get(key) or self._load_or_build(x)
+                runner = self._runners.get(key) or self._load_or_build(inputs)
                 self._runners[key] = runner
-        return runner.run(x)
+        outputs = runner.run(*inputs)
+        return outputs[0] if len(outputs) == 1 else tuple(outputs)
 
-    def package_path(self, x: torch.Tensor) -> Path:
+    def package_path(self, inputs: tuple[torch.Tensor, ...]) -> Path:
+        (x,) = inputs[:1]
         described = {
             **self.identity,
             "shape": list(x.shape),
             "dtype": str(x.dtype),
+            **(
+                {"inputs": [[list(t.shape), str(t.dtype)] for t in inputs]}
+                if len(inputs) > 1
+                else {}
+            ),
+            "geoseg": _SOURCES(),
             "torch": torch.__version__,
             "cpu": torch.backends.cpu.get_cpu_capability(),
             "threads": torch.get_num_threads(),
@@ -225,18 +253,18 @@ class AheadOfTime:
         digest = hashlib.sha256(json.dumps(described, sort_keys=True).encode()).hexdigest()
         return cache_dir() / f"{digest[:32]}.pt2"
 
-    def _load_or_build(self, x: torch.Tensor) -> CompiledLibrary:
-        path = self.package_path(x)
+    def _load_or_build(self, inputs: tuple[torch.Tensor, ...]) -> CompiledLibrary:
+        path = self.package_path(inputs)
         if path.exists():
             try:
                 return CompiledLibrary(path, self.concurrency)
             except (zipfile.BadZipFile, KeyError, ValueError, OSError, RuntimeError) as exc:
                 # Damaged, or from an incompatible build: build it again.
                 log.warning("%s: compiled package unusable (%s); compiling it again", path, exc)
-        self._build(x, path)
+        self._build(inputs, path)
         return CompiledLibrary(path, self.concurrency)
 
-    def _build(self, x: torch.Tensor, path: Path) -> None:
+    def _build(self, inputs: tuple[torch.Tensor, ...], path: Path) -> None:
         import torch._inductor  # only when compiling: importing it costs ~1 s
 
         start = time.perf_counter()
@@ -248,9 +276,13 @@ class AheadOfTime:
             with torch.inference_mode(), warnings.catch_warnings():
                 # Export and packaging warn of torch's own deprecated internals (FutureWarning).
                 warnings.simplefilter("ignore", FutureWarning)
-                program = torch.export.export(_Graph(self.function, self.model), (x,))
+                program = torch.export.export(_Graph(self.function, self.model), inputs)
                 torch._inductor.aoti_compile_and_package(program, package_path=str(tmp))
-                ok, how = agrees(CompiledLibrary(tmp, 1).run(x), self.function(x))
+                got = CompiledLibrary(tmp, 1).run(*inputs)
+                expected = self.function(*inputs)
+                expected = list(expected) if isinstance(expected, tuple) else [expected]
+                checks = [agrees(g, e) for g, e in zip(got, expected, strict=True)]
+                ok, how = all(ok for ok, _ in checks), "; ".join(how for _, how in checks)
             if not ok:
                 raise CompileError(
                     f"the compiled graph of {self.identity} disagrees with the eager model on its "
@@ -263,6 +295,6 @@ class AheadOfTime:
         self.built.append(path)
         log.info(
             "compiled %s for input %s %s in %.1f s (against eager: %s) -> %s",
-            self.identity.get("graph", "graph"), tuple(x.shape), x.dtype,
+            self.identity.get("graph", "graph"), tuple(inputs[0].shape), inputs[0].dtype,
             time.perf_counter() - start, how, path,
         )  # fmt: skip

@@ -103,7 +103,7 @@ class Predictor:
         elif compile:  # CUDA
             self._forward = torch.compile(self._forward_eager, dynamic=False)
             self._step = torch.compile(self._step_eager, dynamic=False)
-        # Per calling thread: .host, its page-locked buffer (CUDA); .configured (_configure_thread)
+        # Per calling thread: .host, its page-locked buffer (CUDA); .configured (configure_thread)
         self._local = threading.local()
         log.info(
             "model %s on %s (%s%s)",
@@ -122,7 +122,8 @@ class Predictor:
         logits = self._forward_eager(normalize(raw, self.card))
         return torch.softmax(logits.float(), dim=1).to(torch.float16)
 
-    def _configure_thread(self) -> None:
+    def configure_thread(self) -> None:
+        """Apply torch's thread count to the calling thread (once), for compiled code."""
         # OpenMP's thread count belongs to each calling thread, and code compiled ahead of time
         # (oneDNN inside it) takes it from there: called from a thread torch never configured (a
         # pool thread of the benchmarks), it would run on every core whatever torch was told.
@@ -134,7 +135,7 @@ class Predictor:
     @torch.inference_mode()
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """The model on a normalised batch on this device, under the configured autocast."""
-        self._configure_thread()
+        self.configure_thread()
         out: torch.Tensor = self._forward(x)
         return out
 
@@ -142,7 +143,7 @@ class Predictor:
     def device_probabilities(self, data: NDArray[np.generic]) -> torch.Tensor:
         """Class probabilities ``(B, classes, H, W)`` float16, on this device, of raw tiles
         ``(B, bands, H, W)``."""
-        self._configure_thread()
+        self.configure_thread()
         count = len(data)
         # Only read: the step's first op, the normalisation, makes a new tensor.
         x = tensor_view(np.ascontiguousarray(data)).to(self.device, non_blocking=True)
