@@ -1330,12 +1330,20 @@ def run_all(cfg: Config) -> dict[str, Any]:
             scene,
         )
         save(results, cfg.out)
-    if cfg.device == "cuda" and e2e_form.compile:
-        # Fills inductor's on-disk caches, so that each timed actor's torch.compile finds its
-        # kernels there (it still compiles during its first batch, inside the scene's time).
-        log("warm-up: one untimed run on a small scene compiles the actor step once")
+    if e2e_form.compile:
+        # On CUDA it fills inductor's on-disk caches, so that each timed actor's torch.compile
+        # finds its kernels there (it still compiles during its first batch, inside the scene's
+        # time); on the CPU it builds the CRF's packages (geoseg.crf_compiled: the pieces have
+        # one shape whatever the scene), which the first timed run with --crf would build.
+        log("warm-up: one untimed run with the CRF on a small scene compiles what it runs once")
         results["e2e_warm_up"] = run_segment(
-            "warm-up", make_scene(cfg.out, 1024), e2e_dir, cfg, form=e2e_form, polygons=False
+            "warm-up",
+            make_scene(cfg.out, 1024),
+            e2e_dir,
+            cfg,
+            form=e2e_form,
+            polygons=False,
+            extra=("--crf",),
         )
     results["e2e"] = {}
     for label, scenes, form, extra, polygons in e2e_runs:
