@@ -41,12 +41,15 @@ log = logging.getLogger("geoseg")
 
 
 def _setup_logging(verbose: int, quiet: int) -> None:
-    level = logging.INFO + 10 * (quiet - verbose)
+    """``-v`` adds geoseg's debug messages, ``-vv`` every library's too (rasterio's run to
+    hundreds of lines a scene: one per GDAL environment, colour-table entry and window)."""
+    level = max(logging.DEBUG, min(logging.INFO + 10 * (quiet - verbose), logging.CRITICAL))
     logging.basicConfig(
-        level=max(logging.DEBUG, min(level, logging.CRITICAL)),
+        level=level if verbose > 1 else max(level, logging.INFO),
         format="%(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    log.setLevel(level)
 
 
 @contextlib.contextmanager
@@ -148,7 +151,9 @@ def _polygon_options(f: Callable[..., Any]) -> Callable[..., Any]:
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="geoseg")
-@click.option("-v", "--verbose", count=True, help="More log output (repeatable).")
+@click.option(
+    "-v", "--verbose", count=True, help="More log output (-vv: other libraries' debug output too)."
+)
 @click.option("-q", "--quiet", count=True, help="Less log output (repeatable).")
 @click.pass_context
 def main(ctx: click.Context, verbose: int, quiet: int) -> None:

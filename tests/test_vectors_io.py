@@ -10,6 +10,7 @@ import json
 import re
 import sqlite3
 import subprocess
+import sys
 from pathlib import Path
 
 import geopandas as gpd
@@ -227,6 +228,33 @@ def test_vectorize_command_refuses_to_overwrite_and_commits_atomically(tmp_path:
     assert not list(out.glob(".geoseg-partial-*"))
     bad = runner.invoke(main, [*args, "--vector-format", "shp"])
     assert bad.exit_code == 2 and "shp" in bad.output
+
+
+@pytest.mark.parametrize(
+    ("flag", "geoseg_info", "rasterio_debug"),
+    [("-q", False, False), ("-v", True, False), ("-vv", True, True)],
+)
+def test_verbosity(flag: str, geoseg_info: bool, rasterio_debug: bool, tmp_path: Path) -> None:
+    """``-v`` is geoseg's own detail; other libraries' debug output (rasterio writes a line per
+    GDAL environment and colour-table entry) only with ``-vv``."""
+    mask, _ = make_geoseg_scene(tmp_path / "scene", 60, 80)
+    command = [
+        sys.executable,
+        "-m",
+        "geoseg",
+        flag,
+        "vectorize",
+        str(mask),
+        "--out",
+        str(tmp_path / "v"),
+    ]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=120, check=False)
+    assert result.returncode == 0, result.stderr
+    lines = result.stderr.splitlines()
+    assert any(line.startswith("INFO geoseg:") for line in lines) is geoseg_info, lines
+    assert any(line.startswith("DEBUG rasterio") for line in lines) is rasterio_debug, lines
+    if flag == "-q":
+        assert lines == []
 
 
 def test_class_names_fall_back_to_card_and_colour_table_then_ids(tmp_path: Path) -> None:
