@@ -67,7 +67,6 @@ def test_an_empty_piece_is_refused(piece: tuple[int, int]) -> None:
 
 def test_compiled_pieces_agree_with_the_eager_crf(compile_cache: Path) -> None:
     """The graphs compiled ahead of time (as the actors run them with --compile), then loaded."""
-    torch.set_num_threads(1)
     params = CRFParams(iterations=3, window=5)
     probs, features, valid = _scene(with_nodata=True)
 

@@ -9,11 +9,12 @@ speed is the same.
 
 A package is built on first use (export, then compile: 10-20 s for the default U-Net on 2 cores)
 and kept under :func:`cache_dir`, named by a hash of everything the generated code depends on: the
-graph's identity (weights, card, precision, layout), the input's shape and dtype, the torch
-version, the CPU's instruction set and the thread count (inductor writes it into its OpenMP
-loops). Before it is stored, it runs the first batch it was built for beside the eager graph and
-must agree with it (:func:`agrees`): an export made outside inference mode once compiled a U-Net
-here into a graph that agreed on 46% of the classes.
+graph's identity (weights, card, precision, layout), the inputs' shapes and dtypes, geoseg's
+sources (:func:`sources_digest`), the torch version, the CPU's instruction set and the thread
+count (inductor writes it into its OpenMP loops). Before it is stored, it runs the first batch it
+was built for beside the eager graph and must agree with it (:func:`agrees`, on every output):
+an export made outside inference mode once compiled a U-Net here into a graph that agreed on 46%
+of the classes.
 
 The package's shared library is run through its C interface with ``ctypes``
 (:class:`CompiledLibrary`). torch's own runners (``AOTIModelPackageLoader.run``,
@@ -189,9 +190,8 @@ class CompiledLibrary:
             "run",
         )
         stolen = [self._new_capsule(pointer, None, None) for pointer in outputs]
-        results: list[torch.Tensor] = torch._C._aoti.alloc_tensors_by_stealing_from_void_ptrs(
-            stolen
-        )  # type: ignore[attr-defined]
+        adopt = torch._C._aoti.alloc_tensors_by_stealing_from_void_ptrs  # type: ignore[attr-defined]
+        results: list[torch.Tensor] = adopt(stolen)
         return results
 
     def __del__(self) -> None:
@@ -235,16 +235,9 @@ class AheadOfTime:
         return outputs[0] if len(outputs) == 1 else tuple(outputs)
 
     def package_path(self, inputs: tuple[torch.Tensor, ...]) -> Path:
-        (x,) = inputs[:1]
         described = {
             **self.identity,
-            "shape": list(x.shape),
-            "dtype": str(x.dtype),
-            **(
-                {"inputs": [[list(t.shape), str(t.dtype)] for t in inputs]}
-                if len(inputs) > 1
-                else {}
-            ),
+            "inputs": [[list(x.shape), str(x.dtype)] for x in inputs],
             "geoseg": _SOURCES(),
             "torch": torch.__version__,
             "cpu": torch.backends.cpu.get_cpu_capability(),
