@@ -8,8 +8,9 @@ input shape, so every piece has the same one: ``piece`` core pixels with the CRF
 ``halo = T r`` of context on every side, zero-padded where the context runs off the array.
 Pixels there are invalid, and invalid pixels neither send nor receive messages, so a piece's
 core gets the numbers :func:`geoseg.crf_local.crf_refine` gives it on the whole array, its sums
-in the same order (compiled kernels round some products and sums differently: ~1e-7 an
-operation, which near-ties carry to ~1e-3 of a probability after 5 iterations).
+in the same order (the softmax written out, and compiled kernels round some products and sums
+differently: ~1e-7 an operation, which near-ties carry to ~1e-3 of a probability after 5
+iterations).
 
 The graphs, on a piece of ``H x W`` pixels:
 
@@ -20,9 +21,10 @@ The graphs, on a piece of ``H x W`` pixels:
 
 Inputs are padded by the caller: a graph that pads its own inputs loads every value through a
 bounds check (kernel planes of a 286 x 1054 piece: 33-36 ms against 12.8 ms from padded
-inputs). Pieces of 128 x 512 core pixels (158 x 542 with the default halo) keep a piece's planes
-in the caches: an iteration took 12.3 ns a pixel against 23.2 ns on 286 x 1054 pieces, which
-outweighs the larger share of halo (one core: 4 classes, 7 x 7 window, ``benchmarks/README.md``).
+inputs). Small pieces keep a piece's planes in the caches: an iteration took 12.3 ns a pixel on
+158 x 542 pieces against 23.2 ns on 286 x 1054, which outweighs their larger share of halo. Of
+the core sizes timed on a 286 x 10,000 band (one core, 4 classes, 7 x 7 window), 128 x 256 was
+the fastest: 158 x 286 pixels a piece with the default halo (``benchmarks/README.md``).
 """
 
 from __future__ import annotations
