@@ -25,6 +25,7 @@ imports neither torch nor the reference's library: the driver resolves the param
 from __future__ import annotations
 
 from dataclasses import dataclass
+from math import exp
 
 from geoseg.errors import ConfigError
 
@@ -69,6 +70,20 @@ class CRFParams:
     def radius(self) -> int:
         """Largest offset along each axis a message travels in one iteration."""
         return self.window // 2
+
+    def position_terms(self, dy: int, dx: int) -> tuple[float, float]:
+        """The kernels' position terms at offset ``d = (dy, dx)``: ``w_s exp(-|d|^2 / 2 s_s^2)``
+        and ``w_b exp(-|d|^2 / 2 s_xy^2)``."""
+        d2 = dy * dy + dx * dx
+        return (
+            self.spatial_weight * exp(-d2 / (2 * self.spatial_sigma**2)),
+            self.bilateral_weight * exp(-d2 / (2 * self.bilateral_sigma_xy**2)),
+        )
+
+    @property
+    def feature_scale(self) -> float:
+        """``-1 / 2 s_f^2``: the appearance kernel is ``exp(feature_scale |f_i - f_j|^2)``."""
+        return -0.5 / self.bilateral_sigma_feat**2
 
     @property
     def halo(self) -> int:

@@ -32,7 +32,6 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
-from math import exp
 
 import torch
 import torch.nn.functional as F
@@ -63,13 +62,10 @@ def kernel_planes(features: Tensor, valid: Tensor, params: CRFParams) -> Tensor:
     """
     r = params.radius
     rows, cols = features.shape[-2] - 2 * r, features.shape[-1] - 2 * r
-    feat_scale = -0.5 / params.bilateral_sigma_feat**2
     here = (slice(r, r + rows), slice(r, r + cols))
     planes = []
     for dy, dx in half_offsets(r):
-        d2 = dy * dy + dx * dx
-        spatial = params.spatial_weight * exp(-d2 / (2 * params.spatial_sigma**2))
-        bilateral = params.bilateral_weight * exp(-d2 / (2 * params.bilateral_sigma_xy**2))
+        spatial, bilateral = params.position_terms(dy, dx)
         there = (slice(r + dy, r + dy + rows), slice(r + dx, r + dx + cols))
         distance: Tensor | None = None  # summed channel by channel, as the eager kernel does
         for channel in range(features.shape[1]):
@@ -77,7 +73,7 @@ def kernel_planes(features: Tensor, valid: Tensor, params: CRFParams) -> Tensor:
             square = difference * difference
             distance = square if distance is None else distance + square
         assert distance is not None
-        kernel = (distance * feat_scale).exp() * bilateral + spatial
+        kernel = (distance * params.feature_scale).exp() * bilateral + spatial
         planes.append(kernel * (valid[0][here] * valid[0][there]))
     return torch.stack(planes)[None]
 

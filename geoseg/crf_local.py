@@ -17,7 +17,7 @@ iteration instead would save that memory at 10-40% more time (measured).
 
 from __future__ import annotations
 
-from math import exp, prod
+from math import prod
 
 import torch
 from torch import Tensor
@@ -148,13 +148,13 @@ def crf_refine(
             if windows is None:
                 continue
             first, second = windows
-            d2 = dy * dy + dx * dx
+            spatial, bilateral = params.position_terms(dy, dx)
             kernel = _pair_kernel(
                 feats[(..., *first)],
                 feats[(..., *second)],
-                spatial=params.spatial_weight * exp(-d2 / (2 * params.spatial_sigma**2)),
-                bilateral=params.bilateral_weight * exp(-d2 / (2 * params.bilateral_sigma_xy**2)),
-                feat_scale=-0.5 / params.bilateral_sigma_feat**2,
+                spatial=spatial,
+                bilateral=bilateral,
+                feat_scale=params.feature_scale,
             )
             if not all_valid:
                 kernel.mul_(mask[(..., *first)] & mask[(..., *second)])
