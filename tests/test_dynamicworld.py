@@ -230,6 +230,8 @@ def test_normalization_is_the_published_formula() -> None:
     got = normalize(torch.from_numpy(x.astype(np.uint16)), card)
     assert got.dtype == torch.float32
     np.testing.assert_allclose(got.numpy(), expected, rtol=2e-6, atol=1e-7)
+    some = normalize(torch.from_numpy(x.astype(np.uint16)), card, [6, 0, 2])  # the CRF's bands
+    np.testing.assert_array_equal(some.numpy(), got.numpy()[:, [6, 0, 2]])
 
 
 def test_named_normalization_card_rules() -> None:

@@ -19,6 +19,7 @@ from geoseg.engine.job import segment
 from geoseg.engine.predict import Predictor
 from geoseg.engine.scene import SegmentOptions
 from geoseg.errors import CompileError, ConfigError
+from geoseg.models.card import ModelCard
 from geoseg.models.store import load_model, normalize
 
 SCENE = AERIAL / "23322E759967N_clipped_1m_1of2.tif"  # 341 x 280 RGB
@@ -45,6 +46,29 @@ def test_probabilities_are_the_models_softmax(trained_aerial_model: Path) -> Non
     probs = Predictor(trained_aerial_model, "cpu").probabilities(data)
     assert probs.dtype == np.float16 and probs.shape == (3, 5, 128, 128)
     np.testing.assert_allclose(probs.astype(np.float32), expected, atol=1e-3)
+
+
+def test_normalization_is_the_cards_affine_map_band_by_band() -> None:
+    card = ModelCard.model_validate(
+        yaml.safe_load(
+            "name: n\narch: unet\ntotal_stride: 16\nbands: [red, green, blue, nir]\n"
+            "input_dtypes: [uint16, float32]\nnormalization: {scale: [0.5, 0.25, 1.0, 2.0], "
+            "offset: [1.0], mean: [10.0, 20.0, 30.0, 40.0], std: [2.0, 4.0, 8.0, 16.0]}\n"
+            "classes: [{id: 0, name: c, color: [0, 0, 0]}]\n"
+        )
+    )
+    x = np.random.default_rng(0).integers(0, 10_000, (2, 4, 8, 8)).astype(np.uint16)
+    per_band = [[0.5, 0.25, 1.0, 2.0], [10.0, 20.0, 30.0, 40.0], [2.0, 4.0, 8.0, 16.0]]
+    scale, mean, std = (np.array(v)[None, :, None, None] for v in per_band)
+    expected = (x * scale + 1.0 - mean) / std
+    got = normalize(torch.from_numpy(x), card)
+    assert got.dtype == torch.float32
+    np.testing.assert_allclose(got.numpy(), expected, rtol=1e-6, atol=1e-6)
+    some = normalize(torch.from_numpy(x), card, [3, 1])  # the CRF's feature bands
+    np.testing.assert_allclose(some.numpy(), expected[:, [3, 1]], rtol=1e-6, atol=1e-6)
+    floats = torch.from_numpy(x.astype(np.float32))
+    normalize(floats, card)
+    np.testing.assert_array_equal(floats.numpy(), x)  # the input is left as it was
 
 
 def test_a_read_only_batch_gives_the_same_probabilities_without_a_warning(

@@ -213,8 +213,7 @@ class SegmentationWorker:
         start = time.perf_counter()
         rows = band.probs.shape[1]
         data, _ = read_tile(scene, band.context_row_off, 0, rows, scene.width)
-        features = normalize(torch.from_numpy(data.astype(np.float32))[None], self.card)[0]
-        features = features[feature_indexes]
+        features = normalize(torch.from_numpy(data)[None], self.card, feature_indexes)[0]
         core = slice(band.halo_top, band.halo_top + band.rows)
         if backend == "dense":
             from geoseg.crf_dense import dense_crf_refine
