@@ -14,9 +14,10 @@ iterations).
 
 The graphs, on a piece of ``H x W`` pixels:
 
-* :func:`kernel_planes` ``(features, valid) -> planes``: the ``(window^2 - 1) / 2`` kernel planes
-  (each serves both directions of its offset), on the piece padded by ``r`` so that an
-  iteration reads its neighbours without bounds checks;
+* :func:`prepare` ``(features, valid, probs) -> (planes, unary, q_0)``: the ``(window^2 - 1) / 2``
+  kernel planes (:func:`kernel_planes`; each serves both directions of its offset) on the piece
+  padded by ``r``, so that an iteration reads its neighbours without bounds checks, and the
+  unary and first ``Q`` (run eager, piece by piece, these two took 5% of a band's CRF);
 * :func:`step` ``(q_t, planes, unary) -> q_{t+1}``: one mean-field iteration.
 
 Inputs are padded by the caller: a graph that pads its own inputs loads every value through a
@@ -40,7 +41,8 @@ from torch import Tensor
 from geoseg.crf import PROB_FLOOR, CRFParams
 from geoseg.crf_local import Core, core_bounds, half_offsets
 
-Planes = Callable[[Tensor, Tensor], Tensor]  # (features, valid), padded by 2r -> planes
+# (features, valid padded by 2r; probs) -> (planes, unary, q_0 padded by r)
+Prepare = Callable[[Tensor, Tensor, Tensor], tuple[Tensor, Tensor, Tensor]]
 Step = Callable[[Tensor, Tensor, Tensor], Tensor]  # (q, planes, unary) -> next q, padded by r
 
 PIECE = (128, 256)  # core rows and columns of a piece (see the module docstring)
@@ -78,6 +80,30 @@ def kernel_planes(features: Tensor, valid: Tensor, params: CRFParams) -> Tensor:
     return torch.stack(planes)[None]
 
 
+def prepare(
+    features: Tensor, valid: Tensor, probs: Tensor, params: CRFParams
+) -> tuple[Tensor, Tensor, Tensor]:
+    """What the iterations of a piece of ``H x W`` pixels start from.
+
+    Args:
+        features: ``(1, F, H + 4r, W + 4r)`` as for :func:`kernel_planes`.
+        valid: ``(1, H + 4r, W + 4r)`` as for :func:`kernel_planes`.
+        probs: ``(1, C, H, W)`` the piece's probabilities; anything where not valid.
+        params: the CRF's parameters.
+
+    Returns:
+        The kernel planes (:func:`kernel_planes`); the unary ``(1, C, H, W)``,
+        ``log max(p, 1e-8)``, 0 where not valid; ``Q_0`` ``(1, C, H + 2r, W + 2r)``, its softmax
+        over the classes, padded by ``r`` with zeros.
+    """
+    r = params.radius
+    rows, cols = probs.shape[-2:]
+    inside = valid[:, None, 2 * r : 2 * r + rows, 2 * r : 2 * r + cols] > 0
+    unary = torch.where(inside, probs.clamp_min(PROB_FLOOR).log(), 0.0)
+    q = F.pad(torch.softmax(unary, dim=1), (r, r, r, r))
+    return kernel_planes(features, valid, params), unary, q
+
+
 def step(q: Tensor, planes: Tensor, unary: Tensor, radius: int) -> Tensor:
     """One mean-field iteration on a piece: ``Q_{t+1}`` ``(1, C, H + 2r, W + 2r)``, padded by ``r``
     with zeros like ``Q_t``.
@@ -85,7 +111,7 @@ def step(q: Tensor, planes: Tensor, unary: Tensor, radius: int) -> Tensor:
     Args:
         q: ``(1, C, H + 2r, W + 2r)``: ``Q_t``, padded by ``r`` (with anything finite).
         planes: ``(1, K, H + 2r, W + 2r)`` from :func:`kernel_planes`.
-        unary: ``(1, C, H, W)``: ``log max(p, 1e-8)``.
+        unary: ``(1, C, H, W)`` from :func:`prepare`.
         radius: ``r``.
 
     Written class by class so that inductor makes one loop over the pixels for all the classes
@@ -124,12 +150,12 @@ def step(q: Tensor, planes: Tensor, unary: Tensor, radius: int) -> Tensor:
 class PieceGraphs:
     """The graphs a piece runs through: :meth:`eager`, or the same compiled."""
 
-    planes: Planes
+    prepare: Prepare
     step: Step
 
     @classmethod
     def eager(cls, params: CRFParams) -> PieceGraphs:
-        return cls(partial(kernel_planes, params=params), partial(step, radius=params.radius))
+        return cls(partial(prepare, params=params), partial(step, radius=params.radius))
 
 
 def crf_refine_pieces(
@@ -170,7 +196,7 @@ def crf_refine_pieces(
     piece_valid = torch.zeros((rows, cols), dtype=torch.bool)
     feats = torch.zeros((1, channels, rows + 4 * r, cols + 4 * r))
     present = torch.zeros((1, rows + 4 * r, cols + 4 * r))
-    unary = torch.ones((1, classes, rows, cols))
+    piece_probs = torch.zeros((1, classes, rows, cols))
     out = torch.empty((classes, row1 - row0, col1 - col0), dtype=torch.float32)
     for row in range(row0, row1, piece[0]):
         for col in range(col0, col1, piece[1]):
@@ -184,18 +210,16 @@ def crf_refine_pieces(
             if (r1 - r0, c1 - c0) != (rows, cols):  # context runs off the array: invalid there
                 piece_valid.zero_()
                 feats.zero_()
-                unary.fill_(1.0)
+                piece_probs.zero_()
             piece_valid[at] = valid[r0:r1, c0:c1]
             feats[(0, slice(None), *padded)] = features[:, r0:r1, c0:c1]
-            unary[(0, slice(None), *at)] = probs[:, r0:r1, c0:c1]
+            piece_probs[(0, slice(None), *at)] = probs[:, r0:r1, c0:c1]
             present[0, 2 * r : 2 * r + rows, 2 * r : 2 * r + cols] = piece_valid
-            if not bool(piece_valid.all()):
-                invalid = ~piece_valid
-                feats[0, :, 2 * r : 2 * r + rows, 2 * r : 2 * r + cols].masked_fill_(invalid, 0.0)
-                unary.masked_fill_(invalid, 1.0)
-            unary.clamp_min_(PROB_FLOOR).log_()
-            planes = graphs.planes(feats, present)
-            q = F.pad(torch.softmax(unary, dim=1), (r, r, r, r))
+            if not bool(piece_valid.all()):  # features there may be NaN: the kernels' 0 x NaN
+                feats[0, :, 2 * r : 2 * r + rows, 2 * r : 2 * r + cols].masked_fill_(
+                    ~piece_valid, 0.0
+                )
+            planes, unary, q = graphs.prepare(feats, present, piece_probs)
             for _ in range(params.iterations):
                 q = graphs.step(q, planes, unary)
             kept = q[0, :, r + halo : r + halo + core_rows, r + halo : r + halo + core_cols]

@@ -10,7 +10,7 @@ import torch
 from test_crf import SOFT, _scene
 
 from geoseg.crf import CRFParams
-from geoseg.crf_compiled import PieceGraphs, crf_refine_pieces, kernel_planes, step
+from geoseg.crf_compiled import PieceGraphs, crf_refine_pieces, prepare, step
 from geoseg.crf_local import crf_refine
 from geoseg.engine.aot import AheadOfTime
 
@@ -71,13 +71,13 @@ def test_compiled_pieces_agree_with_the_eager_crf(compile_cache: Path) -> None:
     probs, features, valid = _scene(with_nodata=True)
 
     def compiled() -> tuple[PieceGraphs, list[AheadOfTime]]:
-        planes = AheadOfTime(
-            partial(kernel_planes, params=params), torch.nn.Module(), {"graph": "test-planes"}
+        start = AheadOfTime(
+            partial(prepare, params=params), torch.nn.Module(), {"graph": "test-prepare"}
         )
         iterate = AheadOfTime(
             partial(step, radius=params.radius), torch.nn.Module(), {"graph": "test-step"}
         )
-        return PieceGraphs(planes, iterate), [planes, iterate]
+        return PieceGraphs(start, iterate), [start, iterate]
 
     before = set(compile_cache.iterdir())
     graphs, runners = compiled()

@@ -90,7 +90,7 @@ def test_with_compile_the_actors_run_the_crf_compiled(
     _run([scene], trained_aerial_model, tmp_path / "compiled", crf=False, compile=True)
     before = set(compile_cache.iterdir())
     _run([scene], trained_aerial_model, tmp_path / "compiled-crf", crf=True, compile=True)
-    assert len(set(compile_cache.iterdir()) - before) == 2  # the kernel planes and one iteration
+    assert len(set(compile_cache.iterdir()) - before) == 2  # prepare and one iteration
     _run([scene], trained_aerial_model, tmp_path / "eager-crf", crf=True)
     compiled = _read(tmp_path / "compiled-crf" / name / "mask.tif")
     assert (compiled == _read(tmp_path / "eager-crf" / name / "mask.tif")).mean() >= 0.999

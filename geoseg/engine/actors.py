@@ -25,7 +25,7 @@ import torch
 from numpy.typing import NDArray
 
 from geoseg.crf import CRFParams
-from geoseg.crf_compiled import PieceGraphs, crf_refine_pieces, kernel_planes, step
+from geoseg.crf_compiled import PieceGraphs, crf_refine_pieces, prepare, step
 from geoseg.crf_local import crf_refine, crf_refine_tiled
 from geoseg.engine.aot import AheadOfTime
 from geoseg.engine.predict import Predictor
@@ -181,10 +181,10 @@ class SegmentationWorker:
             graphs = self._crf_graphs.get(params)
             if graphs is None:
                 kernel = {k: v for k, v in asdict(params).items() if k != "iterations"}
-                planes = AheadOfTime(
-                    partial(kernel_planes, params=params),
+                start = AheadOfTime(
+                    partial(prepare, params=params),
                     torch.nn.Module(),
-                    {"graph": "crf-planes", "params": kernel},
+                    {"graph": "crf-prepare", "params": kernel},
                     self._streams,
                 )
                 iterate = AheadOfTime(
@@ -193,7 +193,7 @@ class SegmentationWorker:
                     {"graph": "crf-step", "radius": params.radius},
                     self._streams,
                 )
-                graphs = self._crf_graphs[params] = PieceGraphs(planes, iterate)
+                graphs = self._crf_graphs[params] = PieceGraphs(start, iterate)
             return graphs
 
     @torch.inference_mode()
