@@ -2,8 +2,10 @@
 
 The stitcher hands over finished rows; they are gathered into full block rows (``BLOCK`` lines, the
 whole width) so that every compressed block of the intermediate GeoTIFF is written exactly once.
-GDAL's COG driver then copies it with internal overviews (MODE resampling for class ids, AVERAGE
-for confidence), keeping the palette. Class names go into the dataset metadata and into a PAM
+Each block row is also halved into the overview levels as it is written (:mod:`geoseg.overviews`:
+the most frequent class for class ids, the mean for confidence), each level streamed into a GeoTIFF
+of its own. GDAL's COG driver then copies the raster with those levels as internal overviews,
+keeping the palette. Class names go into the dataset metadata and into a PAM
 sidecar (``mask.tif.aux.xml``) as category names, which ``gdalinfo`` and QGIS read, and a QGIS
 style (``mask.qml``) makes QGIS show the class names and colours.
 """
@@ -12,6 +14,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import xml.etree.ElementTree as ET
 from collections.abc import Callable
 from pathlib import Path
 from xml.sax.saxutils import escape
@@ -19,13 +22,17 @@ from xml.sax.saxutils import escape
 import numpy as np
 import rasterio
 import rasterio.shutil
+from affine import Affine
 from numpy.typing import NDArray
+from rasterio._err import CPLE_BaseError
 from rasterio.crs import CRS
 from rasterio.errors import RasterioError
+from rasterio.io import MemoryFile
 
 from geoseg.errors import StorageError
 from geoseg.io.rasters import SceneInfo
 from geoseg.models.card import ClassInfo
+from geoseg.overviews import halve_mean, halve_mode, level_factors
 from geoseg.styles import paletted_raster_qml
 
 BLOCK = 512
@@ -62,6 +69,72 @@ def _profile(scene: SceneInfo, dtype: str, nodata: int) -> dict[str, object]:
         "zstd_level": 1,
         "bigtiff": "IF_SAFER",
     }
+
+
+Halve = Callable[[NDArray[np.integer], int], NDArray[np.integer]]
+
+
+class _Pyramid:
+    """The overview levels of one streamed raster, made from each block row as it is written.
+
+    Levels of factor up to ``BLOCK`` take ``BLOCK / factor`` rows from every block row and are
+    streamed, a strip of those rows at a time, into GeoTIFFs of their own (in any block row
+    order). Coarser levels (scenes wider or taller than ``BLOCK^2`` pixels) get less than a row
+    from a block row: they are made at :meth:`finish` from the last streamed level, which is then
+    at most ``BLOCK^2`` times smaller than the raster.
+    """
+
+    def __init__(
+        self, stream: Path, scene: SceneInfo, dtype: str, nodata: int, halve: Halve
+    ) -> None:
+        self.scene, self._dtype, self._nodata, self._halve = scene, dtype, nodata, halve
+        self._factors = level_factors(scene.height, scene.width, BLOCK)
+        self.paths = [stream.with_name(f"{stream.stem}.ovr{f}.tif") for f in self._factors]
+        self._streamed = [f for f in self._factors if f <= BLOCK]
+        self._files = [
+            rasterio.open(path, "w", **self._profile(factor, BLOCK // factor))
+            for factor, path in zip(self._streamed, self.paths[: len(self._streamed)], strict=True)
+        ]
+
+    def _profile(self, factor: int, strip_rows: int) -> dict[str, object]:
+        return {
+            "driver": "GTiff",
+            "width": -(-self.scene.width // factor),
+            "height": -(-self.scene.height // factor),
+            "count": 1,
+            "dtype": self._dtype,
+            "nodata": self._nodata,
+            "crs": CRS.from_wkt(self.scene.crs_wkt),
+            "transform": self.scene.transform @ Affine.scale(factor),
+            "blockysize": strip_rows,
+            "compress": "ZSTD",
+            "zstd_level": 1,
+            "bigtiff": "IF_SAFER",
+        }
+
+    def add(self, row_off: int, values: NDArray[np.integer]) -> None:
+        """Halve a block row (it starts at ``row_off``, a multiple of ``BLOCK``) level by level."""
+        for factor, level in zip(self._streamed, self._files, strict=True):
+            values = self._halve(values, self._nodata)
+            rows, cols = values.shape
+            level.write(values, 1, window=rasterio.windows.Window(0, row_off // factor, cols, rows))
+
+    def finish(self) -> None:
+        """Close the streamed levels and make the coarser ones."""
+        self.close()
+        streamed = len(self._files)
+        if streamed == len(self.paths):
+            return
+        with rasterio.open(self.paths[streamed - 1]) as last:
+            values = last.read(1)
+        for factor, path in list(zip(self._factors, self.paths, strict=True))[streamed:]:
+            values = self._halve(values, self._nodata)
+            with rasterio.open(path, "w", **self._profile(factor, values.shape[0])) as level:
+                level.write(values, 1)
+
+    def close(self) -> None:
+        for level in self._files:
+            level.close()
 
 
 def _category_sidecar(classes: list[ClassInfo]) -> str:
@@ -115,6 +188,16 @@ class ClassRasterWriter:
         )
         # The palette goes in before any pixel: GDAL cannot change the photometric tag later.
         self._mask.write_colormap(1, {c.id: (*c.color, 255) for c in classes})
+        self._mask_levels = _Pyramid(
+            out_dir / "mask.stream.tif", scene, self.dtype, self.nodata, halve_mode
+        )
+        self._conf_levels = (
+            _Pyramid(
+                out_dir / "confidence.stream.tif", scene, "uint8", CONFIDENCE_NODATA, halve_mean
+            )
+            if confidence
+            else None
+        )
         # Pending block rows: index -> (class ids, confidence, pixels filled).
         self._rows: dict[int, tuple[NDArray[np.integer], NDArray[np.uint8], int]] = {}
         self.class_pixels = np.zeros(len(classes), dtype=np.int64)
@@ -158,16 +241,22 @@ class ClassRasterWriter:
     def _flush(self, index: int, ids: NDArray[np.integer], conf: NDArray[np.uint8]) -> None:
         window = rasterio.windows.Window(0, index * BLOCK, self.scene.width, ids.shape[0])
         self._mask.write(ids, 1, window=window)
+        self._mask_levels.add(index * BLOCK, ids)
         if self._conf is not None:
             self._conf.write(conf, 1, window=window)
+        if self._conf_levels is not None:
+            self._conf_levels.add(index * BLOCK, conf)
         if self._on_block_row is not None:
             self._on_block_row(index * BLOCK, ids, conf if self._conf is not None else None)
 
     def close(self) -> None:
         """Release files without producing outputs (on failure); safe to call again."""
         self._mask.close()
+        self._mask_levels.close()
         if self._conf is not None:
             self._conf.close()
+        if self._conf_levels is not None:
+            self._conf_levels.close()
         if not self._closed:
             self._closed = True
             self._env.__exit__(None, None, None)
@@ -188,17 +277,22 @@ class ClassRasterWriter:
             self._conf.set_band_description(1, "confidence")
             self._conf.update_tags(1, SCALE="255 x max class probability")
         self.close()
+        self._mask_levels.finish()
+        if self._conf_levels is not None:
+            self._conf_levels.finish()
 
     def write_cogs(self) -> None:
         """Convert the closed streamed rasters to COGs with overviews, plus the sidecar and the
         QGIS style; any thread (a scene's COGs are written while the next scene is inferred)."""
         with rasterio.Env(**WRITE_ENV):
-            _to_cog(self.out_dir / "mask.stream.tif", self.out_dir / "mask.tif", "MODE")
-            if self._conf is not None:
+            _to_cog(
+                self.out_dir / "mask.stream.tif", self._mask_levels.paths, self.out_dir / "mask.tif"
+            )
+            if self._conf_levels is not None:
                 _to_cog(
                     self.out_dir / "confidence.stream.tif",
+                    self._conf_levels.paths,
                     self.out_dir / "confidence.tif",
-                    "AVERAGE",
                 )
             # GDAL reports a failed block write (disk full, I/O error) only as a logged error when
             # the file is closed: read every block back, so an incomplete file is never committed.
@@ -237,23 +331,37 @@ def _check_readable(path: Path) -> None:
         raise _write_failed(path, exc) from exc
 
 
-def _to_cog(src: Path, dst: Path, resampling: str) -> None:
+def _to_cog(src: Path, overviews: list[Path], dst: Path) -> None:
+    """``src`` with ``overviews`` (its levels, finest first) as the COG ``dst``; both removed."""
     try:
-        _copy_to_cog(src, dst, resampling)
-    except (RasterioError, OSError) as exc:
+        _copy_to_cog(src, overviews, dst)
+    except (RasterioError, CPLE_BaseError, OSError) as exc:  # GDAL's: a stream cut short
         raise _write_failed(dst, exc) from exc
-    src.unlink()
+    for path in (src, *overviews):
+        path.unlink()
 
 
-def _copy_to_cog(src: Path, dst: Path, resampling: str) -> None:
-    rasterio.shutil.copy(
-        src,
-        dst,
-        driver="COG",
-        COMPRESS="DEFLATE",
-        PREDICTOR="NO",
-        BLOCKSIZE=BLOCK,
-        OVERVIEW_RESAMPLING=resampling,
-        BIGTIFF="IF_SAFER",
-        NUM_THREADS=WRITE_THREADS,
-    )
+def _copy_to_cog(src: Path, overviews: list[Path], dst: Path) -> None:
+    # GDAL's copy of src as a VRT (in memory) keeps its georeferencing, palette, nodata and tags;
+    # the levels are added to its band, and the COG driver takes them instead of its own.
+    with MemoryFile(ext=".vrt") as vrt:
+        rasterio.shutil.copy(src.resolve(), vrt.name, driver="VRT")
+        root = ET.fromstring(vrt.read())
+    band = root.find("VRTRasterBand")
+    assert band is not None
+    for path in overviews:
+        overview = ET.SubElement(band, "Overview")
+        ET.SubElement(overview, "SourceFilename", relativeToVRT="0").text = str(path.resolve())
+        ET.SubElement(overview, "SourceBand").text = "1"
+    with rasterio.open(ET.tostring(root, encoding="unicode")) as source:
+        rasterio.shutil.copy(
+            source,
+            dst,
+            driver="COG",
+            COMPRESS="DEFLATE",
+            PREDICTOR="NO",
+            BLOCKSIZE=BLOCK,
+            OVERVIEWS="FORCE_USE_EXISTING",
+            BIGTIFF="IF_SAFER",
+            NUM_THREADS=WRITE_THREADS,
+        )
