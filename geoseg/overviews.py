@@ -42,28 +42,35 @@ def halve_mode(ids: NDArray[np.integer], nodata: int) -> NDArray[np.integer]:
 
     Of four pixels ``a b / c d``: ``a`` when it is valid and matched by another (it has the most,
     or ties for it first), else ``b`` when matched by ``c`` or ``d``, else ``c`` when ``c == d``,
-    else (all different) the first valid one.
+    else (all different) the first valid one. Most cells of a class map are settled by ``a``
+    alone; the rest are picked from apart (on a 512 x 10,000 block row of blobs, 8 ms against 19
+    for every cell through every test).
     """
     a, b, c, d = _cells(ids, nodata)
-    valid_a, valid_b, valid_c = a != nodata, b != nodata, c != nodata
-    first = np.where(valid_a, a, np.where(valid_b, b, np.where(valid_c, c, d)))
-    pair_c = valid_c & (c == d)
-    out = np.where(pair_c, c, first)
-    pair_b = valid_b & ((b == c) | (b == d))
-    out = np.where(pair_b, b, out)
-    pair_a = valid_a & ((a == b) | (a == c) | (a == d))
-    return np.where(pair_a, a, out)
+    out = a.copy()
+    rows, cols = np.nonzero(((a != b) & (a != c) & (a != d)) | (a == nodata))
+    a, b, c, d = a[rows, cols], b[rows, cols], c[rows, cols], d[rows, cols]
+    valid_b, valid_c = b != nodata, c != nodata
+    pick = np.where(a != nodata, a, np.where(valid_b, b, np.where(valid_c, c, d)))
+    pick = np.where(valid_c & (c == d), c, pick)
+    out[rows, cols] = np.where(valid_b & ((b == c) | (b == d)), b, pick)
+    return out
 
 
 def halve_mean(values: NDArray[np.integer], nodata: int) -> NDArray[np.integer]:
-    """Each 2 x 2 cell's mean of its valid values, rounded half up; nodata where none is."""
+    """Each 2 x 2 cell's mean of its valid values, rounded half up; nodata where none is.
+
+    Values are 8-bit (confidence): four of them sum in 16 bits.
+    """
+    if values.dtype != np.uint8:
+        raise ValueError(f"halve_mean takes uint8 values, got {values.dtype}")
     cells = _cells(values, nodata)
-    total = np.zeros(cells[0].shape, dtype=np.uint32)
-    count = np.zeros(cells[0].shape, dtype=np.uint32)
-    for cell in cells:
-        valid = cell != nodata
-        total += np.where(valid, cell, 0).astype(np.uint32)
-        count += valid
-    out = ((total + count // 2) // np.maximum(count, 1)).astype(values.dtype)
+    total = cells[0].astype(np.uint16)
+    count = (cells[0] != nodata).astype(np.uint16)
+    for cell in cells[1:]:
+        total += cell
+        count += cell != nodata
+    total -= (4 - count) * np.uint16(nodata)  # the nodata pixels' share of the sum
+    out: NDArray[np.uint8] = ((total + count // 2) // np.maximum(count, 1)).astype(np.uint8)
     out[count == 0] = nodata
     return out

@@ -52,6 +52,11 @@ def test_halve_mean_is_the_rounded_mean_of_the_valid_values() -> None:
     values = np.array([[1, 2, 0, 0, 255, 255], [0, 0, 0, 0, 255, 254]], dtype=np.uint8)
     assert halve_mean(values, 0).tolist() == [[2, 0, 255]]  # 1.5 -> 2; none valid -> nodata
     assert halve_mean(np.array([[7], [8], [9]], np.uint8), 0).tolist() == [[8], [9]]
+    assert halve_mean(np.array([[255, 255, 254], [255, 1, 255]], np.uint8), 255).tolist() == [
+        [1, 254]
+    ]
+    with pytest.raises(ValueError, match="uint8 values, got uint16"):
+        halve_mean(np.ones((2, 2), np.uint16), 0)  # four of them could overflow the sum
 
 
 @pytest.mark.parametrize(
