@@ -145,7 +145,14 @@ class SegmentationWorker:
             )
             final: list[torch.Tensor] = []
             if run.final is not None:
-                final = list(classify(*run.final, self._nodata)) if classify_final else [*run.final]
+                probs_sum, valid_sum = run.final
+                # For the CRF as float16, the model's own precision: half the bytes to copy
+                # through the object store and the driver's bands, each way.
+                final = (
+                    list(classify(probs_sum, valid_sum, self._nodata))
+                    if classify_final
+                    else [probs_sum.to(torch.float16), valid_sum]
+                )
             layouts.append(layout)
             pieces.append([run.partial, run.partial_valid, *final])
         # One transfer off a GPU for the whole batch.
@@ -221,7 +228,8 @@ class SegmentationWorker:
             if len(feature_indexes) != 3:
                 raise ValueError("the dense CRF backend needs exactly 3 feature bands")
             image = np.clip(features.permute(1, 2, 0).numpy() * 255, 0, 255).astype(np.uint8)
-            refined = dense_crf_refine(band.probs, image, band.valid, params)[:, core]
+            probs_32 = band.probs.astype(np.float32)
+            refined = dense_crf_refine(probs_32, image, band.valid, params)[:, core]
         else:
             # Read only (the CRF makes new tensors): no copy of the band out of the object store.
             probs = tensor_view(band.probs).to(self.device)
@@ -230,6 +238,7 @@ class SegmentationWorker:
             wanted = (core, slice(0, scene.width))  # the context rows only inform the core's
             if self.device.type == "cpu" and self.predictor.compiled:
                 self.predictor.configure_thread()
+                # float16 as it came: the pieces are copied into float32 buffers anyway.
                 refined = crf_refine_pieces(
                     probs, features, valid, params, self._compiled_crf(params), core=wanted
                 ).numpy()
@@ -237,10 +246,12 @@ class SegmentationWorker:
                 # Pieces of the band that fit the CPU's caches (exact: crf_refine_tiled keeps the
                 # CRF's halo): 2x faster than the whole 10k-wide band at once on this CPU.
                 refined = crf_refine_tiled(
-                    probs, features, valid, params, CRF_CPU_TILE, core=wanted
+                    probs.float(), features, valid, params, CRF_CPU_TILE, core=wanted
                 ).numpy()
             else:
-                refined = crf_refine(probs, features, valid, params, core=wanted).cpu().numpy()
+                refined = (
+                    crf_refine(probs.float(), features, valid, params, core=wanted).cpu().numpy()
+                )
         dtype, nodata = mask_dtype(self.card.num_classes)
         ids, confidence = classes_and_confidence(refined, band.valid[core], nodata, dtype)
         return ids, confidence, time.perf_counter() - start

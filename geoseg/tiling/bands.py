@@ -6,6 +6,9 @@ away, so refining a band of rows gives exactly the whole-scene result when the b
 stitcher hands over finished cells in any order; this assembler keeps them until every row of
 ``[start - halo, start + band_rows + halo)`` is complete, hands out that band, and forgets rows
 that no later band needs. Memory: about ``band_rows + 2 halo + one tile row`` rows of the width.
+
+Probabilities are kept as float16, the model's own output precision (blended in float32 by the
+actors): half the bytes of float32 to copy into the bands and through Ray to the CRF.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ class Band:
     row_off: int
     rows: int
     halo_top: int  # context rows above the core in ``probs`` (fewer at the scene's top)
-    probs: NDArray[np.float32]  # (classes, halo_top + rows + halo_bottom, width)
+    probs: NDArray[np.float16]  # (classes, halo_top + rows + halo_bottom, width)
     valid: NDArray[np.bool_]  # (halo_top + rows + halo_bottom, width)
 
     @property
@@ -46,7 +49,7 @@ class BandAssembler:
         self.num_classes = num_classes
         self.band_rows, self.halo = band_rows, halo
         # Row spans (the stitcher's row segments) -> probabilities, validity, columns filled.
-        self._spans: dict[int, tuple[int, NDArray[np.float32], NDArray[np.bool_], int]] = {}
+        self._spans: dict[int, tuple[int, NDArray[np.float16], NDArray[np.bool_], int]] = {}
         self._next_band = 0
         self._kept_from = 0  # rows above were forgotten: no later band needs them
 
@@ -61,7 +64,7 @@ class BandAssembler:
         start, stop = block.row_off, block.row_off + rows
         span = self._spans.get(start)
         if span is None:
-            probs = np.zeros((self.num_classes, rows, self.width), dtype=np.float32)
+            probs = np.zeros((self.num_classes, rows, self.width), dtype=np.float16)
             valid = np.zeros((rows, self.width), dtype=bool)
             span = (stop, probs, valid, 0)
         span_stop, probs, valid, filled = span

@@ -140,8 +140,8 @@ class RunOutput:
 
     ``partial`` ``(classes, pixels)`` and ``partial_valid`` are the frame's cells packed for
     :meth:`Stitcher.add_partial`; ``final`` covers ``layout.final``: class ids and confidence, or
-    blended probabilities and validity; empty when the run finishes nothing alone. Defined here,
-    not with the actors: the driver unpickles it, and must not import torch to do so.
+    blended probabilities (float16) and validity; empty when the run finishes nothing alone.
+    Defined here, not with the actors: the driver unpickles it, and must not import torch to do so.
     """
 
     layout: RunLayout
