@@ -98,7 +98,7 @@ class Block:
 
     row_off: int
     col_off: int
-    probs: NDArray[np.float32]  # (classes, rows, cols); 0 where not valid
+    probs: NDArray[np.floating]  # (classes, rows, cols); 0 where not valid
     valid: NDArray[np.bool_]  # (rows, cols)
 
 
