@@ -87,7 +87,7 @@ class _Pyramid:
     def __init__(
         self, stream: Path, scene: SceneInfo, dtype: str, nodata: int, halve: Halve
     ) -> None:
-        self.scene, self._dtype, self._nodata, self._halve = scene, dtype, nodata, halve
+        self._scene, self._dtype, self._nodata, self._halve = scene, dtype, nodata, halve
         self._factors = level_factors(scene.height, scene.width, BLOCK)
         self.paths = [stream.with_name(f"{stream.stem}.ovr{f}.tif") for f in self._factors]
         self._streamed = [f for f in self._factors if f <= BLOCK]
@@ -99,13 +99,13 @@ class _Pyramid:
     def _profile(self, factor: int, strip_rows: int) -> dict[str, object]:
         return {
             "driver": "GTiff",
-            "width": -(-self.scene.width // factor),
-            "height": -(-self.scene.height // factor),
+            "width": -(-self._scene.width // factor),
+            "height": -(-self._scene.height // factor),
             "count": 1,
             "dtype": self._dtype,
             "nodata": self._nodata,
-            "crs": CRS.from_wkt(self.scene.crs_wkt),
-            "transform": self.scene.transform @ Affine.scale(factor),
+            "crs": CRS.from_wkt(self._scene.crs_wkt),
+            "transform": self._scene.transform @ Affine.scale(factor),
             "blockysize": strip_rows,
             "compress": "ZSTD",
             "zstd_level": 1,
