@@ -117,14 +117,14 @@ def normalize(x: torch.Tensor, card: ModelCard, bands: list[int] | None = None) 
         return named if bands is None else named[:, bands]
     params = card.normalization.per_band(len(card.bands))
     kept = list(range(len(card.bands))) if bands is None else bands
-    # ((x scale + offset) - mean) / std as x a + b, in one new array: four passes and as many
-    # new arrays took a CRF band's features (4 x 286 x 10,000) 0.09 s on one core, this 0.025.
-    a = [params["scale"][i] / params["std"][i] for i in kept]
-    b = [(params["offset"][i] - params["mean"][i]) / params["std"][i] for i in kept]
 
-    def vec(values: list[float]) -> torch.Tensor:
+    def vec(key: str) -> torch.Tensor:
+        values = [params[key][i] for i in kept]
         return torch.tensor(values, dtype=torch.float32, device=x.device).view(1, -1, 1, 1)
 
     if bands is not None:
         x = x[:, bands]
-    return x.to(torch.float32, copy=True).mul_(vec(a)).add_(vec(b))
+    # ((x scale + offset) - mean) / std in place on one new array, in that order (a model's
+    # numbers depend on it): four new arrays took a CRF band's features 0.09 s on one core.
+    y = x.to(torch.float32, copy=True)
+    return y.mul_(vec("scale")).add_(vec("offset")).sub_(vec("mean")).div_(vec("std"))
