@@ -97,19 +97,16 @@ class _Pyramid:
         ]
 
     def _profile(self, factor: int, strip_rows: int) -> dict[str, object]:
+        """The stream's profile for the level of ``factor``, in strips of ``strip_rows``."""
+        profile = _profile(self._scene, self._dtype, self._nodata)
+        del profile["blockxsize"]
         return {
-            "driver": "GTiff",
+            **profile,
             "width": -(-self._scene.width // factor),
             "height": -(-self._scene.height // factor),
-            "count": 1,
-            "dtype": self._dtype,
-            "nodata": self._nodata,
-            "crs": CRS.from_wkt(self._scene.crs_wkt),
             "transform": self._scene.transform @ Affine.scale(factor),
+            "tiled": False,
             "blockysize": strip_rows,
-            "compress": "ZSTD",
-            "zstd_level": 1,
-            "bigtiff": "IF_SAFER",
         }
 
     def add(self, row_off: int, values: NDArray[np.integer]) -> None:
