@@ -224,3 +224,54 @@ def test_the_segment_command_keeps_the_collector_on_and_a_caller_s_ray_up(
     assert gc.get_freeze_count() > frozen
     assert ray.is_initialized()
     assert json.loads((out / "run.json").read_text())["summary"] == {"ok": 1, "failed": 0}
+
+
+# Tasks two at a time beside an actor on a 2-CPU embedded Ray (a scene's reads beside the model),
+# then a pause longer than Ray's default idle-worker timeout (1 s), then the same again: the second
+# round must run in the first round's worker processes. With Ray's default, it killed one and
+# started another (~0.3-0.8 s of CPU each time). In its own interpreter: its own embedded Ray.
+WORKER_REUSE_CHILD = textwrap.dedent(
+    """
+    import json, os, time
+
+    import ray
+
+    from geoseg.engine import runtime
+
+    runtime.start_ray(None, num_cpus=2)
+
+    @ray.remote(num_cpus=0.5)
+    class Holder:
+        def pid(self):
+            return os.getpid()
+
+    @ray.remote(num_cpus=0.75)
+    def work(seconds):
+        time.sleep(seconds)
+        return os.getpid()
+
+    holder = Holder.remote()
+    ray.get(holder.pid.remote())
+    rounds = []
+    for _ in range(2):
+        rounds.append(sorted(set(ray.get([work.remote(0.3) for _ in range(6)]))))
+        time.sleep(2.5)
+    runtime.stop_ray()
+    print(json.dumps(rounds))
+    """
+)
+
+
+def test_the_embedded_ray_keeps_idle_read_workers_between_a_scene_s_reads() -> None:
+    child = subprocess.run(
+        [sys.executable, "-c", WORKER_REUSE_CHILD],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=180,
+        env={**os.environ, "RAY_ADDRESS": ""},
+    )
+    assert child.returncode == 0, child.stderr[-3000:]
+    first, second = json.loads(child.stdout.strip().splitlines()[-1])
+    assert len(first) == 2  # two at a time: two worker processes
+    assert second == first
