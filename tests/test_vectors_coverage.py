@@ -17,7 +17,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pyproj import CRS
 
-from geoseg.errors import ConfigError
+from geoseg.errors import ConfigError, InputError
 from geoseg.measure import Quantity, parse_area, parse_length, row_pixel_areas_m2
 from geoseg.vectorize import (
     CoverageOptions,
@@ -178,6 +178,32 @@ def test_adjacency_and_sums_match_brute_force(case: tuple[np.ndarray, int]) -> N
             shapely.contains_xy(p.geometry, *np.meshgrid(np.arange(w) + 0.5, np.arange(h) + 0.5))
         )
         assert p.sums == (by_first[int(ys[0]) * w + int(xs[0])],)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(case=masks())
+def test_sums_without_adjacency_skip_nodata_values(case: tuple[np.ndarray, int]) -> None:
+    """Regions' sums with ``adjacency=False`` (what a run without a sieve makes): NaN values on
+    nodata pixels never reach a region, and there is no adjacency graph to ask for."""
+    mask, strip_rows = case
+    h, w = mask.shape
+    values = np.arange(h * w, dtype=np.float64).reshape(h, w)
+    values[mask == NODATA] = np.nan
+    sp = StripPolygonizer(Affine.identity(), w, h, NODATA, track_regions=True, adjacency=False)
+    regions = []
+    for r in range(0, h, strip_rows):
+        regions += sp.add_strip(r, mask[r : r + strip_rows], [values[r : r + strip_rows]])
+    regions += sp.finish()
+    lab, comps = _components(mask)
+    by_first = {f: values[lab == k].sum() for k, (_, _, f) in enumerate(comps)}
+    assert len(regions) == len(comps)
+    for p in regions:
+        ys, xs = np.nonzero(
+            shapely.contains_xy(p.geometry, *np.meshgrid(np.arange(w) + 0.5, np.arange(h) + 0.5))
+        )
+        assert p.sums == (by_first[int(ys[0]) * w + int(xs[0])],)
+    with pytest.raises(InputError, match="adjacency=True"):
+        sp.adjacency()
 
 
 # --------------------------------------------------------------------------- sieve
