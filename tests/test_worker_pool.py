@@ -3,8 +3,11 @@ meet waits forever)."""
 
 from __future__ import annotations
 
+import itertools
 import json
+import os
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -12,7 +15,7 @@ import rasterio
 from conftest import AERIAL
 
 from geoseg.engine.job import segment
-from geoseg.engine.scene import SceneResult, SegmentOptions, cpu_shares, gpu_share
+from geoseg.engine.scene import SceneResult, SegmentOptions, WorkerPool, cpu_shares, gpu_share
 
 SCENE = AERIAL / "23322E759967N_clipped_1m_1of2.tif"  # 341 x 280 RGB
 
@@ -41,9 +44,10 @@ def test_actors_ask_for_what_the_gpus_hold(
 @pytest.mark.parametrize(
     ("cpus", "actors", "use_gpu", "expected"),
     [
-        (2.0, 1, False, (0.5, 0.75)),  # the 2-core machine: two reads at a time beside the actor
-        (2.0, 2, False, (0.5, 0.5)),
-        (2.0, 4, False, (0.25, 0.5)),  # more actors than cores: still room to read
+        (2.0, 1, False, (0.5, 1.0)),  # the 2-core machine: one read at a time beside the actor
+        (2.0, 2, False, (0.5, 1.0)),
+        (2.0, 4, False, (0.25, 1.0)),  # more actors than cores: still room to read
+        (4.0, 1, False, (0.5, 1.0)),  # three reads at a time
         (16.0, 1, True, (0.25, 1.0)),  # a GPU node: reads of one CPU each
         (64.0, 8, False, (0.5, 1.0)),  # a big cluster: no read asks for more than one CPU
         (0.0, 1, False, (0.05, 0.05)),  # no CPU yet (an autoscaler's head): both wait for one
@@ -56,6 +60,31 @@ def test_actors_leave_cpus_to_read_with(
     assert (actor, read) == pytest.approx(expected)
     if cpus:
         assert actors * actor + read <= cpus  # a read can always start beside every actor
+
+
+def test_reads_run_one_at_a_time_beside_the_actor_on_two_cpus(
+    ray_local: None, trained_aerial_model: Path
+) -> None:
+    """The session's Ray has 2 CPUs, as the development machine: with the pool's actor up,
+    tasks asking for the pool's read share never overlap (a second would keep a second worker
+    process: ~100 MiB of a 40k² run's RSS, or Ray's restarts of it when it sat idle)."""
+    import ray
+
+    def timed_sleep(seconds: float) -> tuple[int, float, float]:  # pickled by value for Ray
+        start = time.time()
+        time.sleep(seconds)
+        return os.getpid(), start, time.time()
+
+    _, read = cpu_shares(ray.cluster_resources()["CPU"], 1, use_gpu=False)  # the pool's
+    assert read == 1.0
+    pool = WorkerPool(trained_aerial_model, SegmentOptions(progress=False))
+    try:
+        probe = ray.remote(timed_sleep).options(num_cpus=read)
+        spans = sorted(ray.get([probe.remote(0.3) for _ in range(4)]), key=lambda s: s[1])
+    finally:
+        pool.shutdown()
+    for (_, _, end), (_, start, _) in itertools.pairwise(spans):
+        assert start >= end
 
 
 def test_more_actors_than_cores_segment_a_scene(

@@ -21,14 +21,6 @@ log = logging.getLogger(__name__)
 OBJECT_STORE_BYTES = 1 << 30
 OBJECT_STORE_ENV = "GEOSEG_OBJECT_STORE_BYTES"  # overrides it (a small machine, a pressure test)
 
-# How long the embedded Ray keeps an idle worker process beyond its soft limit (one per CPU; the
-# model actor's process counts). Ray's default, 1 s, is shorter than the gaps between a scene's
-# read tasks on a CPU (a batch every ~0.5 s a stream, two reads at a time): Ray killed the second
-# read worker and started a new one (~0.3-0.8 s of CPU to import Ray and GDAL) every few
-# seconds, 3 times in a 6k² scene and 6 in a 10k² one with CRF and polygons, each on cores the
-# model needs. The workers a job keeps are bounded by its reads in flight.
-IDLE_WORKER_KEEP_MS = 60_000
-
 
 def _object_store_bytes() -> int:
     value = os.environ.get(OBJECT_STORE_ENV, str(OBJECT_STORE_BYTES))
@@ -61,7 +53,6 @@ def start_ray(address: str | None, num_cpus: int | None = None) -> None:
             object_store_memory=_object_store_bytes(),
             include_dashboard=False,
             log_to_driver=not quiet,
-            _system_config={"idle_worker_killing_time_threshold_ms": IDLE_WORKER_KEEP_MS},
             configure_logging=True,
             logging_level=logging.WARNING if quiet else logging.INFO,
         )

@@ -166,15 +166,17 @@ def cpu_shares(cpus: float, actors: int, use_gpu: bool) -> tuple[float, float]:
     cluster, so that even many actors on few cores leave room to read. Torch threads, not Ray's
     accounting, share the cores between the actors.
 
-    Reads: ``min(1, (cpus - actors' share) / 2)``: two at a time on a small machine (2 cores, one
-    actor: 0.75 each). A read takes ~0.03 s a batch against the model's ~0.5 s, so two keep any
-    number of streams fed, where a tenth of a CPU each let Ray start a worker process (~170 MiB)
-    for every batch in flight at a scene's start (5 with 2 streams). One CPU at most: a task
-    asking for more than a node has would never start. Neither below 0.05: on a cluster that
-    has no CPU yet (an autoscaler's head), both wait for one.
+    Reads: ``min(1, cpus - actors' share)``: one at a time on a small machine (2 cores), one per
+    CPU beyond the actors' on a larger one. A read takes ~0.03 s a batch against a stream's
+    ~0.5-1 s, so one keeps a 2-core machine's streams fed. A tenth of a CPU each let Ray start a
+    worker process (~170 MiB) for every batch in flight at a scene's start (5 with 2 streams);
+    two at a time (0.75 each) kept a second worker, idle between reads, which Ray killed and
+    started again every few seconds, or (kept) which added ~100 MiB of tree RSS to a 40k²
+    scene. One CPU at most: a task asking for more than a node has would never start. Neither
+    below 0.05: on a cluster that has no CPU yet (an autoscaler's head), both wait for one.
     """
     actor = max(MIN_CPU_SHARE, min(0.25 if use_gpu else 0.5, cpus / (2 * actors)))
-    read = max(MIN_CPU_SHARE, min(1.0, (cpus - actors * actor) / 2))
+    read = max(MIN_CPU_SHARE, min(1.0, cpus - actors * actor))
     return actor, read
 
 
