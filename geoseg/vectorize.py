@@ -504,7 +504,8 @@ class StripPolygonizer:
             once, and the number of pixel edges they share.
 
         Raises:
-            InputError: (a ValueError) without ``track_regions`` or before :meth:`finish`.
+            InputError: (a ValueError) without ``track_regions`` and ``adjacency``, or before
+                :meth:`finish`.
         """
         if not self._adjacency or not self._finished:
             raise InputError(
