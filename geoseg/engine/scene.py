@@ -30,7 +30,7 @@ from tqdm import tqdm
 
 from geoseg.crf import CRFParams
 from geoseg.engine.model_actor import ModelActor
-from geoseg.engine.reads import read_batch
+from geoseg.engine.reads import read_batch, read_rows
 from geoseg.engine.runtime import cluster_cpus, cluster_gpus, embedded, stop_ray
 from geoseg.errors import ConfigError
 from geoseg.io.cog import ClassRasterWriter, mask_dtype
@@ -208,7 +208,9 @@ class WorkerPool:
         self.streams = options.streams or default_streams(cores_per_actor, use_gpu)
         threads = 0 if use_gpu else max(1, cores_per_actor // self.streams)
         actor_cpus, read_cpus = cpu_shares(cpus, count, use_gpu)
-        self.read_batch = read_batch.options(num_cpus=read_cpus)  # the scene's read tasks
+        # The scene's read tasks: tiles for the model, rows for the CRF's features.
+        self.read_batch = read_batch.options(num_cpus=read_cpus)
+        self.read_rows = read_rows.options(num_cpus=read_cpus)
         actor_cls = ray.remote(ModelActor).options(
             num_cpus=actor_cpus,
             num_gpus=gpus_each,
@@ -309,7 +311,8 @@ def _stitch_and_write(
             row_off, actor = refining.pop(ready[0])
             pool.done(actor)
             ids, confidence, seconds = ray.get(ready[0])
-            timings["crf_s"] += seconds
+            for key in ("crf_s", "read_s"):
+                timings[key] += seconds[key]
             writer.write(row_off, 0, ids, confidence)
 
     batches = _chunks(grid.tiles(), options.batch_size)
@@ -338,8 +341,9 @@ def _stitch_and_write(
             return
         for band in bands.add(block):
             assert crf is not None
+            rows_read = pool.read_rows.remote(scene, band.context_row_off, band.probs.shape[1])
             ref, actor = pool.call(
-                "refine", scene, band, card.crf_feature_indexes(), crf, options.crf_backend
+                "refine", band, rows_read, card.crf_feature_indexes(), crf, options.crf_backend
             )
             refining[ref] = (band.row_off, actor)
             collect_refined(block_until_below=2)
