@@ -1092,15 +1092,17 @@ def table_rows(results: dict[str, Any]) -> list[tuple[str, str, str]]:
     layouts = {k: e2e_runs[k] for k in ("e2e", "e2e-1stream", "e2e-2actors") if k in e2e_runs}
     if len(layouts) > 1 and "e2e" in layouts and all(run.get("ok") for run in layouts.values()):
         one = layouts["e2e"]
+        # A GPU actor runs one stream (geoseg.engine.scene.default_streams).
+        default = "1 actor × 1 stream" if cuda else "1 actor × 2 streams"
         described = {
-            "e2e": "1 actor × 2 streams (the default)",
+            "e2e": f"{default} (the default)",
             "e2e-1stream": "1 actor × 1 stream",
-            "e2e-2actors": "2 actors × 1 stream",
+            "e2e-2actors": "2 actors × 1 stream" + (", sharing the GPU" if cuda else ""),
         }
         rows.append(
             (
-                "Scaling on this machine: end-to-end throughput of each layout / the default, "
-                "1 actor × 2 streams of half the threads",
+                f"Scaling on this machine: end-to-end throughput of each layout / the default, "
+                f"{default}" + ("" if cuda else " of half the threads"),
                 "; ".join(
                     f"{described[k]} {run['model_mp_per_s'] / one['model_mp_per_s']:.2f}"
                     for k, run in layouts.items()
