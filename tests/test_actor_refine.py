@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pytest
 import ray
 import torch
 
@@ -19,10 +20,20 @@ from geoseg.tiling.bands import Band
 from geoseg.tiling.blend import classes_and_confidence
 
 
+@pytest.mark.parametrize(
+    "device",
+    [
+        "cpu",
+        pytest.param(
+            "cuda",
+            marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device"),
+        ),
+    ],
+)
 def test_refine_classifies_the_core_as_the_whole_band_crf_does(
-    ray_local: None, rgb_model: Path, fixtures: dict[str, Path]
+    ray_local: None, rgb_model: Path, fixtures: dict[str, Path], device: str
 ) -> None:
-    worker = SegmentationWorker(str(rgb_model), "cpu", "fp32", threads=2)
+    worker = SegmentationWorker(str(rgb_model), device, "fp32", threads=2)
     card = worker.card
     scene = open_scene(str(fixtures["good"]), card)  # 200 x 300, RGB
     context_row_off, rows, halo_top, core_rows = 40, 120, 20, 80
@@ -42,12 +53,16 @@ def test_refine_classifies_the_core_as_the_whole_band_crf_does(
     ids, confidence, seconds = worker.refine(band, (pixels, 0.25), [0, 1, 2], CRFParams(), "local")
 
     core = slice(halo_top, halo_top + core_rows)
-    features = normalize(torch.from_numpy(pixels)[None], card, [0, 1, 2])[0]
+    # The reference: the CRF of the whole band on the same device, classified in numpy.
+    features = normalize(torch.from_numpy(pixels)[None].to(device), card, [0, 1, 2])[0]
     refined = crf_refine(
-        torch.from_numpy(probs).float(), features, torch.from_numpy(valid), CRFParams()
+        torch.from_numpy(probs).to(device).float(),
+        features,
+        torch.from_numpy(valid).to(device),
+        CRFParams(),
     )[:, core]
     expected_ids, expected_confidence = classes_and_confidence(
-        refined.numpy(), valid[core], 255, "uint8"
+        refined.cpu().numpy(), valid[core], 255, "uint8"
     )
     assert ids.dtype == np.uint8 and ids.shape == (core_rows, 300)
     np.testing.assert_array_equal(ids, expected_ids)
