@@ -431,6 +431,51 @@ CPU_STREAMS = default_streams(os.cpu_count() or 1, use_gpu=False)
 SMALL_FORM = Form("bf16", True, CPU_STREAMS)
 
 
+@dataclass(frozen=True)
+class SampleTiles:
+    """The raw forward's input: tiles of the scene in batches, raw and normalised on the device."""
+
+    tile_pixels: int
+    raw_batches: list[np.ndarray]
+    inputs: list[torch.Tensor]
+    sizes: list[int]
+    read_s: float
+
+    @classmethod
+    def read(cls, scene_path: Path, card: ModelCard, cfg: Config) -> SampleTiles:
+        data, _, read_s = read_sample_tiles(scene_path, card, cfg.raw_tiles)
+        raw = [data[i : i + cfg.batch] for i in range(0, len(data), cfg.batch)]
+        inputs = [normalize(torch.from_numpy(b), card).to(cfg.device) for b in raw]
+        sizes = [len(x) for x in inputs]
+        return cls(data.shape[-2] * data.shape[-1], raw, inputs, sizes, read_s)
+
+
+def form_predictor(model_dir: Path, cfg: Config, form: Form) -> Predictor:
+    """The model in ``form``, with the torch threads of one of its streams in force."""
+    # Set before compiling: inductor generates its kernels for the thread count in force.
+    torch.set_num_threads(threads_per_stream(form.streams))
+    return Predictor(
+        model_dir, cfg.device, form.precision, form.compile, cfg.batch, concurrency=form.streams
+    )
+
+
+def time_raw_forward(
+    predictor: Predictor, tiles: SampleTiles, cfg: Config, form: Form
+) -> ForwardTiming:
+    """``Predictor.logits`` over the normalised batches, ``form.streams`` at a time."""
+    return ForwardTiming(
+        tiles.tile_pixels,
+        time_batches(
+            finished(predictor.logits, cfg.device),
+            tiles.inputs,
+            tiles.sizes,
+            cfg.raw_passes,
+            cfg.raw_max_passes,
+            form.streams,
+        ),
+    )
+
+
 def bench_forward(model_dir: Path, scene_path: Path, cfg: Config) -> dict[str, Any]:
     """Each form of the model on the same pre-read tiles: throughput and agreement with fp32.
 
@@ -443,39 +488,19 @@ def bench_forward(model_dir: Path, scene_path: Path, cfg: Config) -> dict[str, A
     """
     torch.set_num_threads(os.cpu_count() or 1)
     card = read_card(model_dir)
-    data, _, read_s = read_sample_tiles(scene_path, card, cfg.raw_tiles)
-    tile_pixels = data.shape[-2] * data.shape[-1]
-    starts = range(0, len(data), cfg.batch)
-    raw_batches = [data[i : i + cfg.batch] for i in starts]
-    inputs = [normalize(torch.from_numpy(b), card).to(cfg.device) for b in raw_batches]
-    sizes = [len(x) for x in inputs]
+    tiles = SampleTiles.read(scene_path, card, cfg)
     forms: list[dict[str, Any]] = []
     reference: torch.Tensor | None = None
     predictors: dict[Form, Predictor] = {}
     for form in FORMS[cfg.device]:
         if form.precision not in card.precisions:
             continue
-        # Set before compiling: inductor generates its kernels for the thread count in force.
-        torch.set_num_threads(threads_per_stream(form.streams))
-        predictor = Predictor(
-            model_dir, cfg.device, form.precision, form.compile, cfg.batch, concurrency=form.streams
-        )
-        forward = finished(predictor.logits, cfg.device)
+        predictor = form_predictor(model_dir, cfg, form)
         t0 = time.perf_counter()
-        forward(inputs[0])  # compiles a compiled form
+        finished(predictor.logits, cfg.device)(tiles.inputs[0])  # compiles a compiled form
         first_s = time.perf_counter() - t0
-        timing = ForwardTiming(
-            tile_pixels,
-            time_batches(
-                forward,
-                inputs,
-                sizes,
-                cfg.raw_passes,
-                cfg.raw_max_passes,
-                form.streams,
-            ),
-        )
-        classes = torch.cat([predictor.logits(x).float().argmax(1) for x in inputs])
+        timing = time_raw_forward(predictor, tiles, cfg, form)
+        classes = torch.cat([predictor.logits(x).float().argmax(1) for x in tiles.inputs])
         if reference is None:
             reference = classes
         agreement = float((classes == reference).double().mean())
@@ -498,11 +523,11 @@ def bench_forward(model_dir: Path, scene_path: Path, cfg: Config) -> dict[str, A
     limit_form = Form(limit["precision"], limit["compile"], limit["streams"])
     torch.set_num_threads(threads_per_stream(limit_form.streams))
     actor = ForwardTiming(
-        tile_pixels,
+        tiles.tile_pixels,
         time_batches(
             predictors[limit_form].probabilities,
-            raw_batches,
-            sizes,
+            tiles.raw_batches,
+            tiles.sizes,
             cfg.raw_passes,
             cfg.raw_max_passes,
             limit_form.streams,
@@ -513,16 +538,16 @@ def bench_forward(model_dir: Path, scene_path: Path, cfg: Config) -> dict[str, A
         "model": str(model_dir),
         "device": device_name(cfg.device),
         "threads": torch.get_num_threads(),
-        "tile": list(data.shape[-2:]),
+        "tile": list(tiles.raw_batches[0].shape[-2:]),
         "batch": cfg.batch,
         "forms": forms,
         "limit": {**asdict(limit_form), "label": limit_form.label},
         "raw": limit["raw"],
         "actor_predict": actor.to_json(),
         "read_1thread": {
-            "tiles": len(data),
-            "seconds": read_s,
-            "mp_per_s": mp(len(data) * tile_pixels) / read_s,
+            "tiles": sum(tiles.sizes),
+            "seconds": tiles.read_s,
+            "mp_per_s": mp(sum(tiles.sizes) * tiles.tile_pixels) / tiles.read_s,
         },
     }
 
@@ -536,32 +561,15 @@ def retime_limit(model_dir: Path, scene_path: Path, cfg: Config, form: Form) -> 
     runs, the faster of the two windows is the limit the ratios divide by: a ratio is never
     flattered by a slow window.
     """
-    card = read_card(model_dir)
-    data, _, _ = read_sample_tiles(scene_path, card, cfg.raw_tiles)
-    batches = [data[i : i + cfg.batch] for i in range(0, len(data), cfg.batch)]
-    inputs = [normalize(torch.from_numpy(b), card).to(cfg.device) for b in batches]
-    torch.set_num_threads(threads_per_stream(form.streams))
-    predictor = Predictor(
-        model_dir, cfg.device, form.precision, form.compile, cfg.batch, concurrency=form.streams
-    )
-    timing = ForwardTiming(
-        data.shape[-2] * data.shape[-1],
-        time_batches(
-            finished(predictor.logits, cfg.device),
-            inputs,
-            [len(x) for x in inputs],
-            cfg.raw_passes,
-            cfg.raw_max_passes,
-            form.streams,
-        ),
-    )
+    tiles = SampleTiles.read(scene_path, read_card(model_dir), cfg)
+    timing = time_raw_forward(form_predictor(model_dir, cfg, form), tiles, cfg, form)
     torch.set_num_threads(os.cpu_count() or 1)
     return timing.to_json()
 
 
 def limit_mp_per_s(fwd: dict[str, Any]) -> float:
     """The limit the ratios divide by: the faster of the limit form's timing windows."""
-    return max(fwd["raw"]["mp_per_s"], fwd.get("raw_again", {}).get("mp_per_s", 0.0))
+    return float(max(fwd["raw"]["mp_per_s"], fwd.get("raw_again", {}).get("mp_per_s", 0.0)))
 
 
 # ----------------------------------------------------------------------------------------------
