@@ -435,11 +435,14 @@ SMALL_FORM = Form("bf16", True, CPU_STREAMS)
 class SampleTiles:
     """The raw forward's input: tiles of the scene in batches, raw and normalised on the device."""
 
-    tile_pixels: int
     raw_batches: list[np.ndarray]
     inputs: list[torch.Tensor]
     sizes: list[int]
     read_s: float
+
+    @property
+    def tile_pixels(self) -> int:
+        return int(self.raw_batches[0].shape[-2] * self.raw_batches[0].shape[-1])
 
     @classmethod
     def read(cls, scene_path: Path, card: ModelCard, cfg: Config) -> SampleTiles:
@@ -447,7 +450,7 @@ class SampleTiles:
         raw = [data[i : i + cfg.batch] for i in range(0, len(data), cfg.batch)]
         inputs = [normalize(torch.from_numpy(b), card).to(cfg.device) for b in raw]
         sizes = [len(x) for x in inputs]
-        return cls(data.shape[-2] * data.shape[-1], raw, inputs, sizes, read_s)
+        return cls(raw, inputs, sizes, read_s)
 
 
 def form_predictor(model_dir: Path, cfg: Config, form: Form) -> Predictor:
