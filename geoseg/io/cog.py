@@ -41,10 +41,11 @@ CONFIDENCE_NODATA = 0  # 255 x max probability is never 0: at least 255 / classe
 # sat on one core's worth of 2 threads (a 10k² scene's two COGs took 2.8 s of its 10 s on the
 # H200's 16 cores); on the 2-core CPU machine this is the 2 threads it always had.
 WRITE_THREADS = "ALL_CPUS"
-# The block cache in bytes (rasterio hands GDAL_CACHEMAX to GDALSetCacheMax64). Whole block rows are
-# written once and never read back, so a bigger cache only holds dirty blocks longer: 256 MiB
-# added ~55 MiB to a 10k² scene's peak RSS and wrote no faster than 16 MiB.
-WRITE_ENV = {"GDAL_CACHEMAX": 16 * 2**20, "GDAL_NUM_THREADS": WRITE_THREADS}
+# The block cache in bytes (rasterio hands GDAL_CACHEMAX to GDALSetCacheMax64): smaller than any
+# block, so GDAL writes every block through as it is written. Dirty blocks do not sit in memory
+# (a 256 MiB cache added ~55 MiB to a 10k² scene's peak RSS and wrote no faster), and a full disk
+# fails the write that hit it: with 16 MiB, an ENOSPC escaped the job once in the disk-full test.
+WRITE_ENV = {"GDAL_CACHEMAX": 256, "GDAL_NUM_THREADS": WRITE_THREADS}
 
 
 BlockRowSink = Callable[[int, NDArray[np.integer], NDArray[np.uint8] | None], None]
