@@ -27,6 +27,7 @@ from geoseg.engine.scene import (
     infer_scene,
     resolve_crf,
 )
+from geoseg.errors import StorageError
 from geoseg.io.job_outputs import JobOutputs, write_job_outputs
 from geoseg.io.outputs import scene_output_name, write_json_atomic
 from geoseg.models.card import WEIGHTS_FILE, file_sha256, read_card
@@ -99,6 +100,16 @@ def job_outputs(
     return {**outputs.to_json(), "seconds": time.perf_counter() - t0}
 
 
+def record_progress(write: Callable[[], None]) -> None:
+    """Write the run record after a scene. A failure (a full disk) is logged, not raised: the
+    scene's outputs and manifest record stand on their own, and the record is written again after
+    the next scene and at the end of the run, where a failure stops the command."""
+    try:
+        write()
+    except StorageError as exc:
+        log.error("%s; the run goes on and writes it again later", exc)
+
+
 def _finish_and_log(pending: PendingScene) -> SceneResult:
     result = pending.finish()
     if result.status == "ok":
@@ -145,7 +156,7 @@ def segment(
             results.append(result)
             run["scenes"].append(result.to_json())
             # Written after every scene: a crash later in the run keeps this record.
-            write_json_atomic(out_root / RUN_FILE, run)
+            record_progress(partial(write_json_atomic, out_root / RUN_FILE, run))
 
     try:
         # Each scene's COGs and polygons are written while the next one's tiles are inferred; an

@@ -74,10 +74,21 @@ class Manifest:
 
     def record(self, uri: str, **values: Any) -> None:
         """Set ``uri``'s record and write the manifest (atomically) at once; thread-safe (a scene
-        is finished on another thread while the next one starts)."""
+        is finished on another thread while the next one starts). If the write fails
+        (:class:`StorageError`, e.g. a full disk), the file and the record stay as they were."""
         with self._lock:
+            before = self.scenes.get(uri)
             self.scenes[uri] = {**values, "updated": now_iso()}
-            self.store.write_json(MANIFEST_KEY, {"version": 1, "scenes": self.scenes})
+            try:
+                self.store.write_json(MANIFEST_KEY, {"version": 1, "scenes": self.scenes})
+            except StorageError:
+                # Memory stays what the file says: a later write must not record what this one
+                # could not (the next run trusts the file).
+                if before is None:
+                    del self.scenes[uri]
+                else:
+                    self.scenes[uri] = before
+                raise
 
     def committed(self) -> dict[str, dict[str, Any]]:
         """Records of scenes whose outputs are committed, by URI."""

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from geoseg.config import GlobInput, JobConfig
-from geoseg.engine.job import job_outputs, run_provenance
+from geoseg.engine.job import job_outputs, record_progress, run_provenance
 from geoseg.engine.manifest import Manifest, RunLock
 from geoseg.engine.runtime import start_ray
 from geoseg.engine.scene import (
@@ -40,6 +40,7 @@ from geoseg.errors import (
     InputChangedError,
     LockedError,
     OutputExistsError,
+    StorageError,
 )
 from geoseg.io.job_outputs import JobOutputs
 from geoseg.io.outputs import scene_output_name, write_json_atomic
@@ -277,10 +278,16 @@ class _Run:
                 "OutputExistsError",
             )
             return lambda: exists
-        self.manifest.record(
-            item.uri, name=name, identity=item.identity, status="running",
-            weights_sha256=self.weights_sha256, config_digest=self.digest,
-        )  # fmt: skip
+        try:
+            self.manifest.record(
+                item.uri, name=name, identity=item.identity, status="running",
+                weights_sha256=self.weights_sha256, config_digest=self.digest,
+            )  # fmt: skip
+        except StorageError as exc:
+            unrecorded = _failed(
+                item.uri, name, f"{exc}; the scene was not started", "StorageError"
+            )
+            return lambda: unrecorded
         pending = infer_scene(
             item.path, self.card, pool, self.local_root,
             SegmentOptions(**{**asdict(options), "overwrite": True}),
@@ -306,24 +313,38 @@ class _Run:
             except GeosegError as exc:
                 result = _failed(item.uri, name, exc, type(exc).__name__)
         if result.status != "ok":
-            self.manifest.record(
-                item.uri, name=name, identity=item.identity, status="failed",
-                error=result.error, error_type=result.error_type,
-            )  # fmt: skip
+            try:
+                self.manifest.record(
+                    item.uri, name=name, identity=item.identity, status="failed",
+                    error=result.error, error_type=result.error_type,
+                )  # fmt: skip
+            except StorageError as exc:
+                log.error("%s: its failure could not be recorded: %s", item.uri, exc)
             return result
-        self.manifest.record(
-            item.uri,
-            name=name,
-            identity=item.identity,
-            status="ok",
-            weights_sha256=self.weights_sha256,
-            config_digest=self.digest,
-            height=result.height,
-            width=result.width,
-            pixel_area_m2=result.pixel_area_m2,
-            class_pixels=result.class_pixels,
-            polygons=result.polygons,
-        )
+        try:
+            self.manifest.record(
+                item.uri,
+                name=name,
+                identity=item.identity,
+                status="ok",
+                weights_sha256=self.weights_sha256,
+                config_digest=self.digest,
+                height=result.height,
+                width=result.width,
+                pixel_area_m2=result.pixel_area_m2,
+                class_pixels=result.class_pixels,
+                polygons=result.polygons,
+            )
+        except StorageError as exc:
+            # The manifest still says "running": the next run replaces the folder, it never
+            # skips a scene no record vouches for.
+            return _failed(
+                item.uri,
+                name,
+                f"{exc}; its outputs {self.store.uri}/{name} are complete but not recorded, so "
+                "the next run segments this scene again",
+                "StorageError",
+            )
         self.quicklook(item, name, result.band_indexes or (1,))
         log.info("%s", result.summary())
         return result
@@ -447,7 +468,7 @@ def _run(
             for result in done:
                 results.append(result)
                 run["scenes"].append(result.to_json())
-                job.write_run(run)
+                record_progress(partial(job.write_run, run))
                 if on_scene is not None:
                     on_scene(result)
                 if result.status != "ok" and config.runtime.fail_fast:

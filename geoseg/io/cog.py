@@ -13,7 +13,6 @@ style (``mask.qml``) makes QGIS show the class names and colours.
 from __future__ import annotations
 
 import json
-import shutil
 import xml.etree.ElementTree as ET
 from collections.abc import Callable
 from pathlib import Path
@@ -29,7 +28,7 @@ from rasterio.crs import CRS
 from rasterio.errors import RasterioError
 from rasterio.io import MemoryFile
 
-from geoseg.errors import StorageError
+from geoseg.io.outputs import write_failed
 from geoseg.io.rasters import SceneInfo
 from geoseg.models.card import ClassInfo
 from geoseg.overviews import halve_mean, halve_mode, level_factors
@@ -305,14 +304,6 @@ class ClassRasterWriter:
         (self.out_dir / "mask.qml").write_text(paletted_raster_qml(self.classes), encoding="utf-8")
 
 
-def _write_failed(path: Path, exc: Exception) -> StorageError:
-    free_mib = shutil.disk_usage(path.parent).free / 2**20
-    return StorageError(
-        f"{path}: could not be written completely ({exc}); {free_mib:.1f} MiB are free on its "
-        "filesystem: if the disk is full, free space (or choose another output root) and rerun"
-    )
-
-
 def _read_every_block(dataset: rasterio.DatasetReader) -> None:
     for band in dataset.indexes:
         for _, window in dataset.block_windows(band):
@@ -329,7 +320,7 @@ def _check_readable(path: Path) -> None:
             with rasterio.open(path, overview_level=level) as overview:
                 _read_every_block(overview)
     except (RasterioError, OSError) as exc:
-        raise _write_failed(path, exc) from exc
+        raise write_failed(path, exc) from exc
 
 
 def _to_cog(src: Path, overviews: list[Path], dst: Path) -> None:
@@ -337,7 +328,7 @@ def _to_cog(src: Path, overviews: list[Path], dst: Path) -> None:
     try:
         _copy_to_cog(src, overviews, dst)
     except (RasterioError, CPLE_BaseError, OSError) as exc:  # GDAL's: a stream cut short
-        raise _write_failed(dst, exc) from exc
+        raise write_failed(dst, exc) from exc
     for path in (src, *overviews):
         path.unlink()
 

@@ -20,7 +20,7 @@ import numpy as np
 import rasterio
 from numpy.typing import NDArray
 
-from geoseg.errors import OutputExistsError, UnsafeOutputNameError
+from geoseg.errors import OutputExistsError, StorageError, UnsafeOutputNameError
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 
@@ -77,10 +77,25 @@ class SceneOutput:
         shutil.rmtree(self.tmp, ignore_errors=True)
 
 
+def write_failed(path: Path, exc: Exception) -> StorageError:
+    """The error for an output file that could not be written: the file, why, the free space."""
+    free_mib = shutil.disk_usage(path.parent).free / 2**20
+    return StorageError(
+        f"{path}: could not be written completely ({exc}); {free_mib:.1f} MiB are free on its "
+        "filesystem: if the disk is full, free space (or choose another output root) and rerun"
+    )
+
+
 def write_json_atomic(path: Path, data: Any) -> None:
+    """Replace ``path`` with ``data`` as JSON, or leave it as it was and raise
+    :class:`StorageError` (a full disk): the temporary file is removed either way."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=False, default=str) + "\n")
-    tmp.replace(path)
+    try:
+        tmp.write_text(json.dumps(data, indent=2, sort_keys=False, default=str) + "\n")
+        tmp.replace(path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise write_failed(path, exc) from exc
 
 
 def read_mask_strips(path: Path, rows: int) -> Iterator[tuple[int, NDArray[np.integer]]]:

@@ -579,10 +579,14 @@ class LocalStore:
         """A fsynced hidden sibling of ``path`` holding ``payload``."""
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:12]}")
-        with tmp.open("wb") as out:
-            out.write(payload)
-            out.flush()
-            os.fsync(out.fileno())
+        try:
+            with tmp.open("wb") as out:
+                out.write(payload)
+                out.flush()
+                os.fsync(out.fileno())
+        except BaseException:  # a full disk: no half-written hidden file left behind
+            tmp.unlink(missing_ok=True)
+            raise
         return tmp
 
     def _replace(self, path: Path, payload: bytes) -> None:
