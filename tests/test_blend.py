@@ -10,7 +10,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from geoseg.tiling.blend import Stitcher, classes_and_confidence, taper, tile_weights
+from geoseg.tiling.blend import Block, Stitcher, classes_and_confidence, taper, tile_weights
 from geoseg.tiling.device_blend import add_tile, blend_run, classify
 from geoseg.tiling.grid import TileGrid
 
@@ -267,3 +267,37 @@ def test_host_and_device_classification_agree_exactly(dtype: type) -> None:
         np.testing.assert_array_equal(confidence, device_confidence.numpy())
         assert ids.dtype == np.dtype(mask_dtype)
         assert (ids[8:16][valid[8:16]] == 1).all()
+
+
+def test_pending_cells_keep_no_view_of_a_runs_arrays() -> None:
+    """A run's arrays arrive through Ray's object store, whose memory is reused once they are
+    dropped: the cells waiting for the next tile row hold copies, so the blocks they hand back
+    are the same when those arrays are overwritten meanwhile (and a view would have pinned the
+    whole run's output in the store for a tile row)."""
+    grid = TileGrid(height=900, width=600, tile_size=512, overlap=64)
+    rng = np.random.default_rng(1)
+    probs = {t: rng.random((1, 2, t.height, t.width), dtype=np.float32) for t in grid.tiles()}
+
+    def blocks(overwrite: bool) -> list[Block]:
+        stitcher = Stitcher(grid, 2)
+        handed_back = []
+        for tile in grid.tiles():
+            layout = stitcher.layout([tile])
+            blended = blend_run(
+                grid, layout, [tile], torch.from_numpy(probs[tile]),
+                torch.ones((1, tile.height, tile.width), dtype=torch.bool),
+                lambda t: torch.from_numpy(stitcher.weights_for(t)),
+            )  # fmt: skip
+            packed, packed_valid = blended.partial.numpy(), blended.partial_valid.numpy()
+            handed_back += stitcher.add_partial(layout, packed, packed_valid)
+            if overwrite:
+                packed[...], packed_valid[...] = np.nan, False
+        assert stitcher.pending_cells == 0
+        return handed_back
+
+    kept, overwritten = blocks(overwrite=False), blocks(overwrite=True)
+    assert len(overwritten) == len(kept) == 9  # the cells of the overlaps and the scene's edge
+    for block, reference in zip(overwritten, kept, strict=True):
+        assert (block.row_off, block.col_off) == (reference.row_off, reference.col_off)
+        assert block.valid.all()
+        np.testing.assert_array_equal(block.probs, reference.probs)

@@ -255,7 +255,10 @@ class Stitcher:
             state = self._cells.get((cell.row, cell.col))
             if state is None:
                 covering = self._row_segments[cell.row][2] * self._col_segments[cell.col][2]
-                state = _Cell(remaining=covering, probs=part.copy(), valid=part_valid)
+                # Copies: a view would keep the whole run's output alive (in Ray's object store,
+                # where it arrives) until the next tile row completes the cell; one tile row of
+                # a 40k-wide scene held ~100 MiB more of the store in every process.
+                state = _Cell(remaining=covering, probs=part.copy(), valid=part_valid.copy())
                 self._cells[(cell.row, cell.col)] = state
             else:
                 assert state.probs is not None
@@ -264,11 +267,7 @@ class Stitcher:
             if state.remaining == 0:
                 del self._cells[(cell.row, cell.col)]
                 assert state.probs is not None and state.valid is not None
-                finished.append(
-                    Block(
-                        cell.row_off, cell.col_off, state.probs, np.ascontiguousarray(state.valid)
-                    )
-                )
+                finished.append(Block(cell.row_off, cell.col_off, state.probs, state.valid))
         return finished
 
 
