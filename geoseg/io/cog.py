@@ -198,8 +198,8 @@ class ClassRasterWriter:
             if confidence
             else None
         )
-        # Pending block rows: index -> (class ids, confidence, pixels filled).
-        self._rows: dict[int, tuple[NDArray[np.integer], NDArray[np.uint8], int]] = {}
+        # Pending block rows: index -> (class ids, confidence or None without it, pixels filled).
+        self._rows: dict[int, tuple[NDArray[np.integer], NDArray[np.uint8] | None, int]] = {}
         self.class_pixels = np.zeros(len(classes), dtype=np.int64)
 
     def write(
@@ -223,13 +223,16 @@ class ClassRasterWriter:
                 height = min(BLOCK, self.scene.height - index * BLOCK)
                 self._rows[index] = (
                     np.full((height, self.scene.width), self.nodata, dtype=self.dtype),
-                    np.full((height, self.scene.width), CONFIDENCE_NODATA, dtype=np.uint8),
+                    None
+                    if self._conf is None
+                    else np.full((height, self.scene.width), CONFIDENCE_NODATA, dtype=np.uint8),
                     0,
                 )
             ids, conf, filled = self._rows[index]
             local = slice(start - index * BLOCK, stop - index * BLOCK)
             ids[local, col_off : col_off + cols] = class_ids[start - row_off : stop - row_off]
-            conf[local, col_off : col_off + cols] = confidence[start - row_off : stop - row_off]
+            if conf is not None:
+                conf[local, col_off : col_off + cols] = confidence[start - row_off : stop - row_off]
             filled += (stop - start) * cols
             if filled == ids.size:
                 del self._rows[index]
@@ -238,16 +241,15 @@ class ClassRasterWriter:
                 self._rows[index] = (ids, conf, filled)
             start = stop
 
-    def _flush(self, index: int, ids: NDArray[np.integer], conf: NDArray[np.uint8]) -> None:
+    def _flush(self, index: int, ids: NDArray[np.integer], conf: NDArray[np.uint8] | None) -> None:
         window = rasterio.windows.Window(0, index * BLOCK, self.scene.width, ids.shape[0])
         self._mask.write(ids, 1, window=window)
         self._mask_levels.add(index * BLOCK, ids)
-        if self._conf is not None:
+        if self._conf is not None and self._conf_levels is not None and conf is not None:
             self._conf.write(conf, 1, window=window)
-        if self._conf_levels is not None:
             self._conf_levels.add(index * BLOCK, conf)
         if self._on_block_row is not None:
-            self._on_block_row(index * BLOCK, ids, conf if self._conf is not None else None)
+            self._on_block_row(index * BLOCK, ids, conf)
 
     def close(self) -> None:
         """Release files without producing outputs (on failure); safe to call again."""
