@@ -83,22 +83,29 @@ def digest(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def test_disk_full_fails_that_scene_only_and_leaves_nothing_partial(
-    tmp_path: Path, small_disk: Path, rgb_model: Path, ray_local: None
-) -> None:
+def two_scene_job(tmp_path: Path, disk: Path, model: Path) -> tuple[Path, Path, str]:
+    """A job over a small real scene and a 3 x 3 mosaic of it (last), its output root on
+    ``disk``: (config, output root, the mosaic's URI)."""
     make_scenes(tmp_path / "in", 1)  # in/mosaic_0.tif
     shutil.copy(shared(AERIAL_TILE), tmp_path / "in" / "a_small.tif")  # sorts first
-    root = small_disk / "out"
+    root = disk / "out"
     config = write_config(
         tmp_path / "job.yaml",
         [f"{tmp_path}/in/*.tif"],
-        rgb_model,
+        model,
         str(root),
         tiling={"tile_size": 128, "overlap": 32},
     )
     job = yaml.safe_load(config.read_text())
     job["outputs"]["quicklooks"] = False
     config.write_text(yaml.safe_dump(job))
+    return config, root, str(tmp_path / "in" / "mosaic_0.tif")
+
+
+def test_disk_full_fails_that_scene_only_and_leaves_nothing_partial(
+    tmp_path: Path, small_disk: Path, rgb_model: Path, ray_local: None
+) -> None:
+    config, root, _ = two_scene_job(tmp_path, small_disk, rgb_model)
 
     result = CliRunner().invoke(main, ["-q", "run", str(config)])
 
@@ -186,25 +193,6 @@ class FillsDiskAtRecord:
                     self.filled.close()
             return
         self.store.write_json(key, data)
-
-
-def two_scene_job(tmp_path: Path, disk: Path, model: Path) -> tuple[Path, Path, str]:
-    """A job over a small real scene and a 3 x 3 mosaic of it (last), its output root on
-    ``disk``: (config, output root, the mosaic's URI)."""
-    make_scenes(tmp_path / "in", 1)  # in/mosaic_0.tif
-    shutil.copy(shared(AERIAL_TILE), tmp_path / "in" / "a_small.tif")  # sorts first
-    root = disk / "out"
-    config = write_config(
-        tmp_path / "job.yaml",
-        [f"{tmp_path}/in/*.tif"],
-        model,
-        str(root),
-        tiling={"tile_size": 128, "overlap": 32},
-    )
-    job = yaml.safe_load(config.read_text())
-    job["outputs"]["quicklooks"] = False
-    config.write_text(yaml.safe_dump(job))
-    return config, root, str(tmp_path / "in" / "mosaic_0.tif")
 
 
 def rerun_redoes_only(config: Path, root: Path, mosaic: str) -> None:
