@@ -165,6 +165,17 @@ def test_a_record_that_does_not_fit_keeps_the_old_one_and_leaves_no_temporary(di
     assert store.read_json(MANIFEST_KEY) == {"version": 1, "scenes": {}}
 
 
+def test_a_record_in_a_missing_folder_is_a_storage_error_naming_it(tmp_path: Path) -> None:
+    path = tmp_path / "gone" / "run.json"
+    with pytest.raises(StorageError) as info:
+        write_json_atomic(path, {"scenes": []})
+    assert str(info.value).startswith(
+        f"{path}: could not be written completely ([Errno 2] No such file or directory"
+    )
+    assert "; its folder cannot be read: if the disk is full" in str(info.value)
+    assert not (tmp_path / "gone").exists()
+
+
 class FillsDiskAtRecord:
     """The real local store, except that the manifest write giving ``scene`` the record ``status``
     meets a full disk (once): the disk fills exactly as the record is written, and is freed

@@ -79,10 +79,13 @@ class SceneOutput:
 
 def write_failed(path: Path, exc: Exception) -> StorageError:
     """The error for an output file that could not be written: the file, why, the free space."""
-    free_mib = shutil.disk_usage(path.parent).free / 2**20
+    try:
+        space = f"{shutil.disk_usage(path.parent).free / 2**20:.1f} MiB are free on its filesystem"
+    except OSError:  # its folder is gone: say why the file failed, not why the check did
+        space = "its folder cannot be read"
     return StorageError(
-        f"{path}: could not be written completely ({exc}); {free_mib:.1f} MiB are free on its "
-        "filesystem: if the disk is full, free space (or choose another output root) and rerun"
+        f"{path}: could not be written completely ({exc}); {space}: if the disk is full, free "
+        "space (or choose another output root) and rerun"
     )
 
 
